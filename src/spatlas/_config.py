@@ -1,0 +1,216 @@
+"""The config tree: YAML <-> dataclasses, ``--set key=value`` overrides, clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the cohort comes from (exactly one of ``sheet``, ``samples``, ``h5ad``, ``dataset``).
+
+    Attributes
+    ----------
+    sheet
+        Sample sheet (CSV/TSV/YAML): sample, donor, path, image, annotations, label_column.
+    samples
+        The same rows inline in the config.
+    h5ad
+        One ``.h5ad`` holding several samples, split by ``sample_key`` (donor from ``donor_key``,
+        labels from ``label_column``, counts from ``counts_layer``).
+    dataset
+        A bundled dataset: ``dlpfc_demo`` or ``synthetic`` (parameters in ``dataset_params``).
+    join
+        ``inner`` keeps the genes all samples share; ``outer`` keeps all.
+    exclude_labels
+        Label classes left out of label metrics (e.g. her2st's ``undetermined``).
+    """
+
+    sheet: str | None = None
+    samples: list[dict] | None = None
+    h5ad: str | None = None
+    sample_key: str | None = None
+    donor_key: str | None = None
+    label_column: str | None = None
+    counts_layer: str | None = None
+    dataset: str | None = None
+    dataset_params: dict = field(default_factory=dict)
+    join: str = "inner"
+    exclude_labels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PreprocessingConfig:
+    """Expression preprocessing (paper appendix A.5); see ``spatlas.pp.preprocess_expression``."""
+
+    min_spots: int = 10
+    n_top_genes: int = 3000
+    hvg_flavor: str = "seurat_v3"
+    batch_key: str | None = "sample"
+    target_sum: float = 1e4
+    scale_max_value: float | None = None
+    n_comps: int = 20
+
+
+@dataclass
+class ClusteringConfig:
+    """Domain calling on the final embedding; see ``spatlas.tl.cluster`` and ``spatlas.tl.refine``.
+
+    ``n_clusters``: a number, ``auto`` (chosen from the data), or empty for the number of label
+    classes when the cohort has labels (``auto`` otherwise).
+    """
+
+    method: str = "kmeans"
+    n_clusters: int | str | None = None
+    refine: bool = True
+    refine_k: int = 10
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+
+
+PATH_FIELDS = {("data", "sheet"), ("data", "h5ad")}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (int accepted for float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(
+            f"{where}: {value!r} is not one of {' | '.join(_type_name(a) for a in typing.get_args(tp))}"
+        )
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected nothing, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of settings, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, *, base: Path | None = None) -> Config:
+    """Build a :class:`Config` from a nested dict; relative paths are taken from ``base``."""
+    config = _build(Config, data, "")
+    if base is not None:
+        for section, key in PATH_FIELDS:
+            obj = getattr(config, section)
+            value = getattr(obj, key)
+            if value and not Path(value).expanduser().is_absolute():
+                setattr(obj, key, str((base / value).resolve()))
+        if config.data.samples:
+            for row in config.data.samples:
+                for key in ("path", "image", "annotations"):
+                    if row.get(key) and not Path(row[key]).is_absolute():
+                        row[key] = str((base / row[key]).resolve())
+    return config
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. clustering.n_clusters=7")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: cannot parse value ({err})") from None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    import yaml
+
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file does not exist")
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config is a mapping of sections (data:, clustering:, ...)")
+        base = path.resolve().parent
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, base=base)
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain nested dict of a config (for writing the resolved ``config.yaml``)."""
+    return dataclasses.asdict(config)

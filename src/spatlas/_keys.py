@@ -1,0 +1,40 @@
+"""Every obs / obsm / uns / layer key spatlas reads or writes, defined once."""
+
+from __future__ import annotations
+
+# obs
+SAMPLE = "sample"
+DONOR = "donor"
+BARCODE = "barcode"
+ARRAY_ROW = "array_row"
+ARRAY_COL = "array_col"
+IN_TISSUE = "in_tissue"
+LABEL = "label"  # ground-truth domain annotation, when the cohort has one
+
+# obsm / uns
+SPATIAL = "spatial"  # obsm: full-resolution pixels (x, y); uns: per-sample images + scalefactors
+PCA = "X_pca"
+
+# layers / var / uns
+COUNTS = "counts"  # raw UMI counts, kept through preprocessing
+HVG = "highly_variable"
+UNS = "spatlas"  # spatlas' own metadata (versions, preprocessing parameters)
+
+# uns['spatial'][sample] fields, as scanpy / squidpy write them
+IMAGES = "images"
+SCALEFACTORS = "scalefactors"
+METADATA = "metadata"
+FULLRES_PATH = "fullres_image_path"
+SPOT_DIAMETER = "spot_diameter_fullres"
+LOWRES_SCALEF = "tissue_lowres_scalef"
+HIRES_SCALEF = "tissue_hires_scalef"
+
+
+def embedding_key(method: str) -> str:
+    """``obsm`` key of a method's embedding, e.g. ``X_harmony``."""
+    return method if method.startswith("X_") else f"X_{method}"
+
+
+def domain_key(method: str) -> str:
+    """``obs`` key of a method's spatial domains, e.g. ``harmony_domain``."""
+    return f"{method.removeprefix('X_')}_domain"

@@ -1,0 +1,127 @@
+"""The ``spatlas`` command line: ``run``, ``demo``, ``validate``.
+
+Only argparse and the cheap top-level package are imported here; the heavy work (scanpy,
+optional torch/scvi/ray/timm) loads inside the sub-commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+from . import __version__
+from ._errors import MissingDependencyError, SpatlasInputError
+
+EXIT_INPUT = 2
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, type=Path, help="run folder to create")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set clustering.n_clusters=7 (repeatable)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a non-empty --out folder (only once the new run has succeeded)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``spatlas`` command."""
+    parser = argparse.ArgumentParser(
+        prog="spatlas",
+        description="Multi-modal spatial-transcriptomics atlases across many samples.",
+    )
+    parser.add_argument("--version", action="version", version=f"spatlas {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_run = sub.add_parser("run", help="run the pipeline described by a YAML config")
+    p_run.add_argument("config", type=Path, help="YAML config (see configs/ for examples)")
+    _add_run_options(p_run)
+
+    p_demo = sub.add_parser("demo", help="run the pipeline on the bundled DLPFC demo cohort")
+    _add_run_options(p_demo)
+
+    p_val = sub.add_parser(
+        "validate", help="check a sample sheet and every sample it names; exit code 2 on problems"
+    )
+    p_val.add_argument("sheet", type=Path, help="sample sheet (CSV/TSV/YAML)")
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    from ._logging import set_verbosity
+
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    set_verbosity(level)
+
+
+def _cmd_run(args: argparse.Namespace, config_path: Path) -> int:
+    from ._config import load_config
+    from .pipeline import run
+
+    config = load_config(config_path, args.overrides)
+    result = run(config, out=args.out, overwrite=args.overwrite)
+    if result.metrics is not None:
+        cols = ["sample", "n_spots", "n_labelled", "ari", "nmi"]
+        print(result.metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    total = result.timings["seconds"].sum()
+    print(f"run folder: {args.out} ({total:.1f} s, peak RSS {result.timings['peak_rss_mb'].max():.0f} MB)")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .io import validate_sheet
+
+    summary, problems = validate_sheet(args.sheet)
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_INPUT
+    assert summary is not None
+    print(summary.to_string(index=False))
+    print(
+        f"{len(summary)} samples, {summary['donor'].nunique()} donors, "
+        f"{summary['spots'].sum()} spots, {int(summary['labelled'].sum())} labelled: OK"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``spatlas`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_INPUT
+    _configure_logging(args)
+    try:
+        if args.command == "run":
+            return _cmd_run(args, args.config)
+        if args.command == "demo":
+            demo = resources.files("spatlas") / "configs" / "demo.yaml"
+            with resources.as_file(demo) as path:
+                return _cmd_run(args, path)
+        if args.command == "validate":
+            return _cmd_validate(args)
+    except (SpatlasInputError, MissingDependencyError) as err:
+        lines = err.problems if isinstance(err, SpatlasInputError) else [str(err)]
+        for line in lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return EXIT_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Reading ``.h5ad`` inputs (one sample, or a cohort split by an obs column)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from .. import _keys as K
+from .._errors import SpatlasInputError
+from ._images import image_size
+from ._spaceranger import set_sample_donor
+from ._validate import check_coordinates_in_image, check_counts
+
+
+def _load(path: Path) -> ad.AnnData:
+    if not path.exists():
+        raise SpatlasInputError(f"{path}: file does not exist")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as err:  # h5py / anndata raise many types for a bad file
+        raise SpatlasInputError(f"{path}: not a readable .h5ad file ({err})") from None
+
+
+def standardise_h5ad_sample(
+    adata: ad.AnnData,
+    *,
+    sample: str,
+    donor: str | None = None,
+    counts_layer: str | None = None,
+    fullres_image: str | Path | None = None,
+    where: str = "",
+) -> ad.AnnData:
+    """Bring one sample's AnnData to spatlas' layout, checking it on the way.
+
+    Raw counts move to ``X`` (float32 CSR) from ``X`` or ``layers[counts_layer]``;
+    ``obsm['spatial']`` must hold (x, y) spot centres in full-resolution pixels;
+    ``obs['array_row'/'array_col']`` are kept when present; ``uns['spatial']`` is re-keyed to
+    ``sample``.
+    """
+    where = where or sample
+    problems = []
+    if counts_layer is not None:
+        if counts_layer not in adata.layers:
+            raise SpatlasInputError(
+                f"{where}: counts_layer '{counts_layer}' is not among the layers "
+                f"({', '.join(adata.layers) or 'none'})"
+            )
+        X = adata.layers[counts_layer]
+    else:
+        X = adata.X
+    if X is None:
+        raise SpatlasInputError(f"{where}: the AnnData has no X matrix")
+    X = sp.csr_matrix(X, dtype=np.float32) if not sp.issparse(X) else X.tocsr()
+    problems.extend(check_counts(X, where=where))
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        problems.append(f"{where}: sample is empty ({adata.n_obs} spots x {adata.n_vars} genes)")
+    if K.SPATIAL not in adata.obsm:
+        problems.append(
+            f"{where}: obsm['spatial'] is missing; spatlas needs each spot's (x, y) centre in "
+            "full-resolution pixels there"
+        )
+    if problems:
+        raise SpatlasInputError(problems)
+
+    xy = np.asarray(adata.obsm[K.SPATIAL], dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise SpatlasInputError(f"{where}: obsm['spatial'] has shape {xy.shape}, expected (n, 2)")
+    out = ad.AnnData(
+        X=X.astype(np.float32),
+        obs=adata.obs.copy(),
+        var=adata.var.copy(),
+    )
+    out.obsm[K.SPATIAL] = xy
+    out.obs[K.BARCODE] = adata.obs_names.astype(str)
+    old = adata.uns.get(K.SPATIAL, {})
+    info = dict(old[next(iter(old))]) if isinstance(old, dict) and len(old) == 1 else {}
+    info.setdefault(K.IMAGES, {})
+    info.setdefault(K.SCALEFACTORS, {})
+    info[K.METADATA] = dict(info.get(K.METADATA, {}))
+    info[K.METADATA][K.FULLRES_PATH] = str(Path(fullres_image).resolve()) if fullres_image else ""
+    for res, img in info[K.IMAGES].items():
+        scalef = info[K.SCALEFACTORS].get(f"tissue_{res}_scalef")
+        if scalef is not None:
+            problems.extend(
+                check_coordinates_in_image(
+                    xy * scalef, np.asarray(img).shape[:2], what=f"the {res} image", where=where
+                )
+            )
+    if fullres_image is not None:
+        if not Path(fullres_image).exists():
+            problems.append(f"{fullres_image}: full-resolution image does not exist")
+        else:
+            problems.extend(
+                check_coordinates_in_image(
+                    xy, image_size(fullres_image), what=f"full-resolution image {fullres_image}",
+                    where=where,
+                )
+            )
+    if problems:
+        raise SpatlasInputError(problems)
+    out.uns[K.SPATIAL] = {sample: info}
+    set_sample_donor(out, sample=sample, donor=donor)
+    return out
+
+
+def read_h5ad(
+    path: str | Path,
+    *,
+    sample: str | None = None,
+    donor: str | None = None,
+    sample_key: str | None = None,
+    donor_key: str | None = None,
+    counts_layer: str | None = None,
+    fullres_image: str | Path | None = None,
+) -> ad.AnnData | list[ad.AnnData]:
+    """Read an ``.h5ad`` file holding one sample, or several split by ``sample_key``.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file.
+    sample, donor
+        Ids for a single-sample file.
+    sample_key, donor_key
+        obs columns naming each spot's sample and donor in a multi-sample file; the result is then
+        a list of per-sample AnnData in order of first appearance.
+    counts_layer
+        Layer holding raw counts when ``X`` holds normalised values.
+    fullres_image
+        Full-resolution image of a single-sample file.
+
+    Returns
+    -------
+    One standardised AnnData (see :func:`standardise_h5ad_sample`) or, with ``sample_key``, a list.
+    """
+    path = Path(path)
+    adata = _load(path)
+    if sample_key is None:
+        if sample is None:
+            raise SpatlasInputError(f"{path}: give a sample id (sample=...) or a sample_key column")
+        return standardise_h5ad_sample(
+            adata, sample=sample, donor=donor, counts_layer=counts_layer,
+            fullres_image=fullres_image, where=f"{path} [{sample}]",
+        )
+    for key in (sample_key, donor_key):
+        if key is not None and key not in adata.obs:
+            raise SpatlasInputError(
+                f"{path}: obs column '{key}' does not exist (columns: {', '.join(adata.obs)})"
+            )
+    samples = pd.unique(adata.obs[sample_key].astype(str))
+    parts = []
+    for s in samples:
+        sub = adata[adata.obs[sample_key].astype(str).to_numpy() == s].copy()
+        d = str(sub.obs[donor_key].iloc[0]) if donor_key else donor
+        if donor_key and sub.obs[donor_key].astype(str).nunique() > 1:
+            raise SpatlasInputError(f"{path}: sample '{s}' has spots from several donors")
+        sub.uns.pop(K.SPATIAL, None)
+        if _has_sample_uns(adata, s):
+            sub.uns[K.SPATIAL] = {s: adata.uns[K.SPATIAL][s]}
+        parts.append(
+            standardise_h5ad_sample(
+                sub, sample=s, donor=d, counts_layer=counts_layer, where=f"{path} [{s}]"
+            )
+        )
+    return parts
+
+
+def _has_sample_uns(adata: ad.AnnData, sample: str) -> bool:
+    spatial = adata.uns.get(K.SPATIAL)
+    return isinstance(spatial, dict) and sample in spatial

@@ -1,0 +1,266 @@
+"""Reading one Space Ranger output folder (Visium, Visium HD bins) into AnnData."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from .. import _keys as K
+from .._errors import SpatlasInputError
+from .._logging import logger
+from ._images import image_size, read_image
+from ._tenx import read_10x_h5, read_10x_mtx
+from ._validate import check_counts, check_coordinates_in_image
+
+POSITION_COLUMNS = [
+    "barcode",
+    "in_tissue",
+    "array_row",
+    "array_col",
+    "pxl_row_in_fullres",
+    "pxl_col_in_fullres",
+]
+# file names in the order Space Ranger versions introduced them; each may be gzipped
+POSITION_FILES = ["tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv"]
+COUNT_FILES = ["filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix"]
+IMAGE_FILES = {"hires": "tissue_hires_image.png", "lowres": "tissue_lowres_image.png"}
+SCALEFACTORS_FILE = "scalefactors_json.json"
+
+
+def _find(folder: Path, names: list[str]) -> Path | None:
+    """First of ``names`` (or ``name.gz``) in ``folder/spatial`` or ``folder``."""
+    for name in names:
+        for base in (folder / "spatial", folder):
+            for candidate in (base / name, base / f"{name}.gz"):
+                if candidate.exists():
+                    return candidate
+    return None
+
+
+def read_positions(path: str | Path) -> pd.DataFrame:
+    """Read spot positions in any Space Ranger layout, indexed by barcode.
+
+    Handles ``tissue_positions_list.csv`` (Space Ranger 1.x, no header),
+    ``tissue_positions.csv`` (2.x, header) and ``tissue_positions.parquet`` (Visium HD),
+    gzipped or not. Columns: in_tissue, array_row, array_col, pxl_row_in_fullres,
+    pxl_col_in_fullres.
+    """
+    path = Path(path)
+    try:
+        if ".parquet" in path.suffixes:
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, header=None, dtype=str)
+            if df.iloc[0, 0] == "barcode" or "in_tissue" in set(df.iloc[0]):
+                df.columns = df.iloc[0]
+                df = df.iloc[1:]
+            elif df.shape[1] == len(POSITION_COLUMNS):
+                df.columns = POSITION_COLUMNS
+    except (OSError, ValueError) as err:
+        raise SpatlasInputError(f"{path}: cannot read spot positions ({err})") from None
+    missing = [c for c in POSITION_COLUMNS if c not in df.columns]
+    if missing:
+        raise SpatlasInputError(
+            f"{path}: positions file lacks column(s) {', '.join(missing)}; expected "
+            f"{', '.join(POSITION_COLUMNS)} (with a header, or in that order without one)"
+        )
+    df = df[POSITION_COLUMNS].copy()
+    df["barcode"] = df["barcode"].astype(str)
+    try:
+        for col in POSITION_COLUMNS[1:4]:
+            df[col] = pd.to_numeric(df[col]).astype(np.int64)
+        for col in POSITION_COLUMNS[4:]:
+            df[col] = pd.to_numeric(df[col]).astype(np.float64)
+    except (ValueError, TypeError) as err:
+        raise SpatlasInputError(f"{path}: non-numeric spot positions ({err})") from None
+    if df["barcode"].duplicated().any():
+        dup = df.loc[df["barcode"].duplicated(), "barcode"].iloc[0]
+        raise SpatlasInputError(f"{path}: barcode {dup} appears more than once")
+    return df.set_index("barcode")
+
+
+def read_scalefactors(path: str | Path) -> dict[str, float]:
+    """Read ``scalefactors_json.json``; ``spot_diameter_fullres`` is required."""
+    path = Path(path)
+    try:
+        with open(path) as fh:
+            sf = json.load(fh)
+    except (OSError, json.JSONDecodeError) as err:
+        raise SpatlasInputError(f"{path}: cannot read scalefactors ({err})") from None
+    if not isinstance(sf, dict) or K.SPOT_DIAMETER not in sf:
+        raise SpatlasInputError(
+            f"{path}: scalefactors lack '{K.SPOT_DIAMETER}' (the spot size in full-resolution "
+            "pixels); use the scalefactors_json.json that Space Ranger wrote for this sample"
+        )
+    return {str(k): float(v) for k, v in sf.items() if isinstance(v, int | float)}
+
+
+def read_spaceranger(
+    path: str | Path,
+    *,
+    sample: str,
+    donor: str | None = None,
+    counts_file: str | Path | None = None,
+    fullres_image: str | Path | None = None,
+    load_images: bool = True,
+    in_tissue_only: bool = True,
+) -> ad.AnnData:
+    """Read one Space Ranger output folder (``outs/``) into AnnData.
+
+    Parameters
+    ----------
+    path
+        The folder holding ``filtered_feature_bc_matrix.h5`` (or the ``filtered_feature_bc_matrix/``
+        mtx folder) and ``spatial/`` (positions, ``scalefactors_json.json``, images). For Visium HD,
+        one ``binned_outputs/square_XXXum`` folder.
+    sample
+        Sample id, stored in ``obs['sample']`` and as the key of ``uns['spatial']``.
+    donor
+        Donor id (``obs['donor']``); defaults to the sample id.
+    counts_file
+        A count matrix elsewhere than in ``path`` (``.h5`` file or mtx folder).
+    fullres_image
+        Path of the full-resolution H&E image (TIFF, JPEG, PNG). Its size is checked against the
+        spot coordinates; pixels are read only by the morphology step.
+    load_images
+        Load ``tissue_hires_image.png`` / ``tissue_lowres_image.png`` when present.
+    in_tissue_only
+        Keep only spots under tissue (``in_tissue == 1``).
+
+    Returns
+    -------
+    AnnData with raw counts in ``X`` (float32 CSR); ``obs``: ``barcode``, ``in_tissue``,
+    ``array_row``, ``array_col``, ``sample``, ``donor``; ``obsm['spatial']``: (x, y) in
+    full-resolution pixels; ``uns['spatial'][sample]``: ``images`` (``hires``/``lowres`` uint8
+    arrays), ``scalefactors`` and ``metadata`` (source folder, full-resolution image path).
+
+    Raises
+    ------
+    SpatlasInputError
+        With one line per problem found (missing files, barcodes without positions, counts that
+        are not raw integer counts, coordinates outside the images, an empty sample).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SpatlasInputError(f"{path}: folder does not exist")
+    if not path.is_dir():
+        raise SpatlasInputError(
+            f"{path}: not a folder; give the Space Ranger output folder (outs/) or an .h5ad file"
+        )
+    counts_path = Path(counts_file) if counts_file is not None else _find(path, COUNT_FILES)
+    positions_path = _find(path, POSITION_FILES)
+    scalefactors_path = _find(path, [SCALEFACTORS_FILE])
+    problems = []
+    if counts_path is None or not counts_path.exists():
+        problems.append(
+            f"{path}: no count matrix (looked for filtered_feature_bc_matrix.h5 and the "
+            "filtered_feature_bc_matrix/ folder)"
+            if counts_file is None
+            else f"{counts_file}: count matrix does not exist"
+        )
+    if positions_path is None:
+        problems.append(
+            f"{path}: no spot positions (looked for spatial/tissue_positions.parquet, "
+            "tissue_positions.csv and tissue_positions_list.csv)"
+        )
+    if scalefactors_path is None:
+        problems.append(
+            f"{path}: no spatial/{SCALEFACTORS_FILE}; spatlas needs it for the spot size and to "
+            "place spots on the images (copy it from the Space Ranger run of this sample)"
+        )
+    if fullres_image is not None and not Path(fullres_image).exists():
+        problems.append(f"{fullres_image}: full-resolution image does not exist")
+    if problems:
+        raise SpatlasInputError(problems)
+
+    assert counts_path is not None and positions_path is not None and scalefactors_path is not None
+    counts = read_10x_h5(counts_path) if counts_path.is_file() else read_10x_mtx(counts_path)
+    positions = read_positions(positions_path)
+    scalefactors = read_scalefactors(scalefactors_path)
+
+    unknown = counts.obs_names.difference(positions.index)
+    if len(unknown):
+        raise SpatlasInputError(
+            f"{path}: {len(unknown)} of {counts.n_obs} barcodes in the count matrix have no position "
+            f"in {positions_path.name} (e.g. {', '.join(unknown[:3])}); the count matrix and the "
+            "spatial/ folder come from different runs or samples"
+        )
+    positions = positions.loc[counts.obs_names]
+    if in_tissue_only:
+        keep = positions["in_tissue"].to_numpy() == 1
+        if not keep.all():
+            logger.info(
+                "%s: keeping %d of %d barcodes under tissue", sample, keep.sum(), keep.size
+            )
+        counts, positions = counts[keep].copy(), positions.loc[keep]
+
+    problems.extend(check_counts(counts.X, where=str(counts_path)))
+    if counts.n_obs == 0 or counts.n_vars == 0:
+        problems.append(
+            f"{path}: sample is empty ({counts.n_obs} spots under tissue x {counts.n_vars} genes)"
+        )
+
+    xy = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
+    images: dict[str, np.ndarray] = {}
+    if load_images:
+        for res, name in IMAGE_FILES.items():
+            img_path = _find(path, [name])
+            if img_path is not None:
+                images[res] = read_image(img_path)
+    for res, img in images.items():
+        scalef = scalefactors.get(f"tissue_{res}_scalef")
+        if scalef is None:
+            problems.append(
+                f"{path}: {SCALEFACTORS_FILE} lacks tissue_{res}_scalef, needed to place spots on "
+                f"tissue_{res}_image.png"
+            )
+            continue
+        problems.extend(
+            check_coordinates_in_image(
+                xy * scalef, img.shape[:2], what=f"tissue_{res}_image.png (x {scalef:g})",
+                where=str(path),
+            )
+        )
+    if fullres_image is not None:
+        problems.extend(
+            check_coordinates_in_image(
+                xy, image_size(fullres_image), what=f"full-resolution image {fullres_image}",
+                where=str(path),
+            )
+        )
+    if problems:
+        raise SpatlasInputError(problems)
+
+    obs = pd.DataFrame(
+        {
+            K.BARCODE: counts.obs_names.astype(str),
+            K.IN_TISSUE: positions["in_tissue"].to_numpy(),
+            K.ARRAY_ROW: positions["array_row"].to_numpy(),
+            K.ARRAY_COL: positions["array_col"].to_numpy(),
+        },
+        index=counts.obs_names,
+    )
+    adata = ad.AnnData(X=counts.X, obs=obs, var=counts.var)
+    adata.obsm[K.SPATIAL] = xy
+    adata.uns[K.SPATIAL] = {
+        sample: {
+            K.IMAGES: images,
+            K.SCALEFACTORS: scalefactors,
+            K.METADATA: {
+                "source": str(path.resolve()),
+                K.FULLRES_PATH: str(Path(fullres_image).resolve()) if fullres_image else "",
+            },
+        }
+    }
+    set_sample_donor(adata, sample=sample, donor=donor)
+    return adata
+
+
+def set_sample_donor(adata: ad.AnnData, *, sample: str, donor: str | None) -> None:
+    """Write ``obs['sample']`` and ``obs['donor']`` (donor defaults to the sample id)."""
+    adata.obs[K.SAMPLE] = pd.Categorical([str(sample)] * adata.n_obs)
+    adata.obs[K.DONOR] = pd.Categorical([str(donor if donor is not None else sample)] * adata.n_obs)

@@ -1,0 +1,196 @@
+"""``run(config, out)``: the whole pipeline, composed from the public API only."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+
+from . import _keys as K
+from ._config import Config, config_to_dict
+from ._errors import ConfigError, SpatlasInputError
+from ._logging import add_file_handler, logger
+
+DATASETS = ("dlpfc_demo", "synthetic")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the cohort, the metrics table (if labelled), step timings."""
+
+    adata: ad.AnnData
+    metrics: pd.DataFrame | None
+    timings: pd.DataFrame
+    out: Path | None = None
+    domain_key: str = ""
+    steps: list[dict] = field(default_factory=list)
+
+
+@contextmanager
+def _step(name: str, steps: list[dict]) -> Iterator[None]:
+    logger.info("step %s ...", name)
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    steps.append({"step": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)})
+    logger.info("step %s done in %.1f s (peak RSS %.0f MB)", name, seconds, peak_rss_mb())
+
+
+def load_cohort(config: Config) -> ad.AnnData:
+    """Read the cohort the ``data`` section describes."""
+    from . import io
+
+    data = config.data
+    sources = [
+        name for name in ("sheet", "samples", "h5ad", "dataset") if getattr(data, name) not in (None, [])
+    ]
+    if len(sources) != 1:
+        raise ConfigError(
+            "data: give exactly one of sheet, samples, h5ad or dataset"
+            + (f" (got {', '.join(sources)})" if sources else "")
+        )
+    if data.dataset is not None:
+        from . import datasets
+
+        if data.dataset == "dlpfc_demo":
+            return datasets.dlpfc_demo()
+        if data.dataset == "synthetic":
+            params = {"seed": config.seed, **data.dataset_params}
+            return datasets.synthetic_cohort(**params)
+        raise ConfigError(f"data.dataset: unknown dataset '{data.dataset}' (known: {', '.join(DATASETS)})")
+    if data.h5ad is not None:
+        if data.sample_key is None:
+            raise ConfigError("data.h5ad needs data.sample_key, the obs column naming each spot's sample")
+        parts = io.read_h5ad(
+            data.h5ad, sample_key=data.sample_key, donor_key=data.donor_key,
+            counts_layer=data.counts_layer,
+        )
+        if data.label_column is not None:
+            for part in parts:
+                if data.label_column not in part.obs:
+                    raise SpatlasInputError(
+                        f"{data.h5ad}: label column '{data.label_column}' does not exist "
+                        f"(columns: {', '.join(part.obs.columns)})"
+                    )
+                part.obs[K.LABEL] = part.obs[data.label_column].astype(str)
+        return io.concat_samples(parts, join=data.join)
+    if data.samples is not None:
+        from .io._sheet import specs_from_records
+
+        specs = specs_from_records(data.samples, base=Path.cwd(), where="data.samples")
+        return io.read_cohort(specs, join=data.join)
+    return io.read_cohort(data.sheet, join=data.join)
+
+
+def _n_clusters(config: Config, adata: ad.AnnData) -> int | str:
+    n = config.clustering.n_clusters
+    if n is not None:
+        return n
+    if K.LABEL in adata.obs:
+        labels = adata.obs[K.LABEL]
+        labels = labels[labels.notna() & ~labels.isin(config.data.exclude_labels)]
+        k = int(labels.nunique())
+        logger.info("clustering.n_clusters not set: using the %d label classes", k)
+        return k
+    return "auto"
+
+
+def run(config: Config, *, out: str | Path | None = None, overwrite: bool = False) -> RunResult:
+    """Run the pipeline; with ``out``, write the run folder there.
+
+    The folder gets ``config.yaml`` (resolved), ``cohort.h5ad``, ``domains.csv``,
+    ``metrics.csv`` (when the cohort has labels), ``timings.csv`` and ``run.log``. It is built in
+    a hidden staging folder and renamed into place at the end, so a failed run leaves ``out``
+    as it was; a non-empty ``out`` is refused unless ``overwrite``.
+    """
+    from . import io
+
+    if out is None:
+        return _run(config, stage=None)
+    with io.atomic_output_dir(out, overwrite=overwrite) as stage:
+        handler = add_file_handler(stage / "run.log")
+        try:
+            result = _run(config, stage=stage)
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+    result.out = Path(out)
+    logger.info("run written to %s", out)
+    return result
+
+
+def _run(config: Config, *, stage: Path | None) -> RunResult:
+    import yaml
+
+    from . import io, metrics, pp, tl
+
+    steps: list[dict] = []
+    if stage is not None:
+        with open(stage / "config.yaml", "w") as fh:
+            yaml.safe_dump(config_to_dict(config), fh, sort_keys=False)
+    with _step("load", steps):
+        adata = load_cohort(config)
+        summary = io.summarize_cohort(adata)
+        logger.info("cohort: %d spots x %d genes\n%s", adata.n_obs, adata.n_vars, summary.to_string(index=False))
+    prep = config.preprocessing
+    with _step("preprocess", steps):
+        pp.preprocess_expression(
+            adata, min_spots=prep.min_spots, n_top_genes=prep.n_top_genes,
+            hvg_flavor=prep.hvg_flavor, batch_key=prep.batch_key, target_sum=prep.target_sum,
+            scale_max_value=prep.scale_max_value, n_comps=prep.n_comps, seed=config.seed,
+        )
+    basis = K.PCA
+    domain_key = K.domain_key(basis)
+    clus = config.clustering
+    with _step("cluster", steps):
+        raw_key = f"{domain_key}_unrefined" if clus.refine else domain_key
+        tl.cluster(
+            adata, basis=basis, method=clus.method, n_clusters=_n_clusters(config, adata),
+            seed=config.seed, key_added=raw_key,
+        )
+        if clus.refine:
+            tl.refine(adata, key=raw_key, k=clus.refine_k, key_added=domain_key)
+    table = None
+    if K.LABEL in adata.obs and adata.obs[K.LABEL].notna().any():
+        with _step("evaluate", steps):
+            table = metrics.evaluate(
+                adata, cluster_key=domain_key, embedding_key=basis,
+                exclude_labels=tuple(config.data.exclude_labels), seed=config.seed,
+            )
+            mean = table.loc[table["sample"] == "mean"].iloc[0]
+            logger.info("ARI per sample: %s; mean %.3f; NMI mean %.3f", _ari_line(table), mean["ari"], mean["nmi"])
+    timings = pd.DataFrame(steps)
+    if stage is not None:
+        with _step("write", steps):
+            adata.uns.setdefault(K.UNS, {})["config_yaml"] = yaml.safe_dump(
+                config_to_dict(config), sort_keys=False
+            )
+            io.write_h5ad(adata, stage / "cohort.h5ad")
+            domains = adata.obs[[K.SAMPLE, K.DONOR, K.BARCODE, domain_key]].copy()
+            if K.LABEL in adata.obs:
+                domains[K.LABEL] = adata.obs[K.LABEL]
+            domains.to_csv(stage / "domains.csv", index_label="spot")
+            if table is not None:
+                table.to_csv(stage / "metrics.csv", index=False, float_format="%.4f")
+        timings = pd.DataFrame(steps)
+        timings.to_csv(stage / "timings.csv", index=False)
+    return RunResult(adata=adata, metrics=table, timings=timings, domain_key=domain_key, steps=steps)
+
+
+def _ari_line(table: pd.DataFrame) -> str:
+    rows = table.loc[~table["sample"].isin(["mean", "all"]) & table["ari"].notna()]
+    return " ".join(f"{r.sample}={r.ari:.3f}" for r in rows.itertuples())
+

@@ -1,0 +1,112 @@
+import pandas as pd
+import pytest
+import yaml
+from spaceranger_fixtures import SOURCE, make_spaceranger
+
+from spatlas import _keys as K
+from spatlas._config import load_config
+from spatlas._errors import ConfigError, SpatlasInputError
+from spatlas.cli import main
+from spatlas.pipeline import run
+
+
+@pytest.fixture(scope="module")
+def cohort_config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohort")
+    f1, _, _ = make_spaceranger(root / "a", "v1_h5", n_spots=400, n_genes=150)
+    f2, _, _ = make_spaceranger(root / "b", "v2_mtx", n_spots=400, n_genes=150)
+    (root / "annotations.csv").write_bytes((SOURCE / "annotations.csv").read_bytes())
+    rows = [
+        {"sample": "A", "donor": "D1", "path": str(f1), "annotations": "annotations.csv",
+         "label_column": "layer"},
+        {"sample": "B", "donor": "D2", "path": str(f2), "annotations": "annotations.csv",
+         "label_column": "layer"},
+    ]
+    pd.DataFrame(rows).to_csv(root / "samples.csv", index=False)
+    config = {
+        "seed": 0,
+        "data": {"sheet": "samples.csv"},
+        "preprocessing": {"n_top_genes": 100, "n_comps": 10},
+        "clustering": {"method": "kmeans", "n_clusters": 5},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root / "config.yaml"
+
+
+def test_run_writes_the_run_folder(cohort_config, tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(cohort_config), "--out", str(out)]) == 0
+    for name in ("config.yaml", "cohort.h5ad", "domains.csv", "metrics.csv", "timings.csv", "run.log"):
+        assert (out / name).exists(), name
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["data"]["sheet"] == str(cohort_config.parent / "samples.csv")
+    assert resolved["clustering"]["n_clusters"] == 5
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics["sample"].tolist() == ["A", "B", "mean", "all"]
+    assert metrics.loc[metrics["sample"] == "mean", "ari"].iloc[0] == pytest.approx(
+        metrics.loc[metrics["sample"].isin(["A", "B"]), "ari"].mean()
+    )
+    domains = pd.read_csv(out / "domains.csv")
+    assert domains["pca_domain"].nunique() == 5
+    assert "step evaluate done" in (out / "run.log").read_text()
+    assert not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_same_seed_gives_identical_labels_and_metrics(cohort_config):
+    config = load_config(cohort_config)
+    first, second = run(config), run(config)
+    pd.testing.assert_series_equal(
+        first.adata.obs["pca_domain"], second.adata.obs["pca_domain"]
+    )
+    pd.testing.assert_frame_equal(first.metrics, second.metrics)
+    other = run(load_config(cohort_config, ["seed=5"]))
+    assert other.adata.uns[K.UNS]["preprocessing"]["seed"] == 5
+
+
+def test_overrides_change_the_config(cohort_config):
+    config = load_config(
+        cohort_config, ["clustering.n_clusters=3", "clustering.refine=false", "preprocessing.n_comps=8"]
+    )
+    result = run(config)
+    assert result.adata.obs["pca_domain"].nunique() == 3
+    assert "pca_domain_unrefined" not in result.adata.obs
+    assert result.adata.obsm[K.PCA].shape[1] == 8
+
+
+def test_failed_run_leaves_existing_folder_untouched(cohort_config, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    config = load_config(cohort_config, ["preprocessing.n_comps=100000"])
+    with pytest.raises(SpatlasInputError):
+        run(config, out=out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_overwrite_replaces_only_after_success(cohort_config, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    run(load_config(cohort_config), out=out, overwrite=True)
+    assert not (out / "old.txt").exists()
+    assert (out / "cohort.h5ad").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["clustering.n_cluster=3"], "did you mean 'n_clusters'"),
+        (["clustering.refine=3"], "clustering.refine"),
+        (["nokey"], "expected key=value"),
+        (["preprocessing=3"], "expected a mapping"),
+    ],
+)
+def test_bad_overrides_are_reported(cohort_config, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(cohort_config, overrides)
+
+
+def test_data_section_needs_exactly_one_source(tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  dataset: dlpfc_demo\n  sheet: x.csv\n")
+    with pytest.raises(ConfigError, match="exactly one of"):
+        run(load_config(tmp_path / "c.yaml"))
