@@ -35,7 +35,14 @@ def source_positions() -> pd.DataFrame:
     return pd.read_csv(
         SOURCE / "spatial/tissue_positions_list.csv.gz",
         header=None,
-        names=["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"],
+        names=[
+            "barcode",
+            "in_tissue",
+            "array_row",
+            "array_col",
+            "pxl_row_in_fullres",
+            "pxl_col_in_fullres",
+        ],
     )
 
 
@@ -57,14 +64,25 @@ def blank_tiff(path: Path, height: int, width: int) -> Path:
     tile = np.full((512, 512, 3), 255, np.uint8)
     n_tiles = -(-height // 512) * -(-width // 512)
     tifffile.imwrite(
-        path, (tile for _ in range(n_tiles)), shape=(height, width, 3), dtype="uint8",
-        tile=(512, 512), photometric="rgb", compression="zlib",
+        path,
+        (tile for _ in range(n_tiles)),
+        shape=(height, width, 3),
+        dtype="uint8",
+        tile=(512, 512),
+        photometric="rgb",
+        compression="zlib",
     )
     return path
 
 
-def make_spaceranger(root: Path, layout: str = "v1_h5", *, n_spots: int = 300, n_genes: int = 120,
-                     hires: bool = False):
+def make_spaceranger(
+    root: Path,
+    layout: str = "v1_h5",
+    *,
+    n_spots: int = 300,
+    n_genes: int = 120,
+    hires: bool = False,
+):
     """Write a Space Ranger ``outs/`` folder in ``layout``; return (folder, counts, positions)."""
     counts = source_counts(n_spots, n_genes)
     positions = source_positions()

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from spaceranger_fixtures import LAYOUTS, blank_tiff, make_spaceranger
 
 import spatlas
+from spaceranger_fixtures import LAYOUTS, blank_tiff, make_spaceranger
 from spatlas import _keys as K
 from spatlas.io import (
     SampleSpec,
@@ -86,8 +86,13 @@ def test_sample_sheet_concatenates_samples_with_labels(tmp_path, suffix):
     labels = pd.DataFrame({"barcode": c1.obs_names, "layer": ["L1", "L2", ""] * 100})
     labels.to_csv(tmp_path / "labels.csv", index=False)
     rows = [
-        {"sample": "A", "donor": "D1", "path": str(f1.relative_to(tmp_path)),
-         "annotations": "labels.csv", "label_column": "layer"},
+        {
+            "sample": "A",
+            "donor": "D1",
+            "path": str(f1.relative_to(tmp_path)),
+            "annotations": "labels.csv",
+            "label_column": "layer",
+        },
         {"sample": "B", "donor": "D2", "path": str(f2)},
     ]
     sheet = _write_sheet(tmp_path, rows, suffix)

@@ -18,13 +18,19 @@ print("HEAVY:" + ",".join(heavy))
 def _heavy_modules_after(code: str) -> str:
     proc = subprocess.run(
         [sys.executable, "-c", CHECK.format(code=code, heavy=HEAVY)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return proc.stdout.strip().splitlines()[-1].removeprefix("HEAVY:")
 
 
 def test_import_spatlas_and_namespaces_do_not_import_heavy_dependencies():
-    code = "import spatlas\nfor m in ('io', 'pp', 'tl', 'metrics', 'datasets', 'pipeline'):\n    getattr(spatlas, m)"
+    code = (
+        "import spatlas\n"
+        "for m in ('io', 'pp', 'tl', 'metrics', 'datasets', 'pipeline'):\n"
+        "    getattr(spatlas, m)"
+    )
     assert _heavy_modules_after(code) == ""
 
 
@@ -39,8 +45,14 @@ def test_cli_help_does_not_import_heavy_dependencies():
 
 def test_top_level_import_is_lazy():
     proc = subprocess.run(
-        [sys.executable, "-c", "import spatlas, sys; print('scanpy' in sys.modules, 'anndata' in sys.modules)"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import spatlas, sys; print('scanpy' in sys.modules, 'anndata' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert proc.stdout.split() == ["False", "False"]
 

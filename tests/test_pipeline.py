@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 import yaml
-from spaceranger_fixtures import SOURCE, make_spaceranger
 
+from spaceranger_fixtures import SOURCE, make_spaceranger
 from spatlas import _keys as K
 from spatlas._config import load_config
 from spatlas._errors import ConfigError, SpatlasInputError
@@ -17,10 +17,20 @@ def cohort_config(tmp_path_factory):
     f2, _, _ = make_spaceranger(root / "b", "v2_mtx", n_spots=400, n_genes=150)
     (root / "annotations.csv").write_bytes((SOURCE / "annotations.csv").read_bytes())
     rows = [
-        {"sample": "A", "donor": "D1", "path": str(f1), "annotations": "annotations.csv",
-         "label_column": "layer"},
-        {"sample": "B", "donor": "D2", "path": str(f2), "annotations": "annotations.csv",
-         "label_column": "layer"},
+        {
+            "sample": "A",
+            "donor": "D1",
+            "path": str(f1),
+            "annotations": "annotations.csv",
+            "label_column": "layer",
+        },
+        {
+            "sample": "B",
+            "donor": "D2",
+            "path": str(f2),
+            "annotations": "annotations.csv",
+            "label_column": "layer",
+        },
     ]
     pd.DataFrame(rows).to_csv(root / "samples.csv", index=False)
     config = {
@@ -36,7 +46,14 @@ def cohort_config(tmp_path_factory):
 def test_run_writes_the_run_folder(cohort_config, tmp_path):
     out = tmp_path / "run"
     assert main(["run", str(cohort_config), "--out", str(out)]) == 0
-    for name in ("config.yaml", "cohort.h5ad", "domains.csv", "metrics.csv", "timings.csv", "run.log"):
+    for name in (
+        "config.yaml",
+        "cohort.h5ad",
+        "domains.csv",
+        "metrics.csv",
+        "timings.csv",
+        "run.log",
+    ):
         assert (out / name).exists(), name
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["data"]["sheet"] == str(cohort_config.parent / "samples.csv")
@@ -47,7 +64,7 @@ def test_run_writes_the_run_folder(cohort_config, tmp_path):
         metrics.loc[metrics["sample"].isin(["A", "B"]), "ari"].mean()
     )
     domains = pd.read_csv(out / "domains.csv")
-    assert domains["pca_domain"].nunique() == 5
+    assert domains["harmony_domain"].nunique() == 5
     assert "step evaluate done" in (out / "run.log").read_text()
     assert not list(tmp_path.glob(".run.partial-*"))
 
@@ -56,7 +73,7 @@ def test_same_seed_gives_identical_labels_and_metrics(cohort_config):
     config = load_config(cohort_config)
     first, second = run(config), run(config)
     pd.testing.assert_series_equal(
-        first.adata.obs["pca_domain"], second.adata.obs["pca_domain"]
+        first.adata.obs["harmony_domain"], second.adata.obs["harmony_domain"]
     )
     pd.testing.assert_frame_equal(first.metrics, second.metrics)
     other = run(load_config(cohort_config, ["seed=5"]))
@@ -65,12 +82,23 @@ def test_same_seed_gives_identical_labels_and_metrics(cohort_config):
 
 def test_overrides_change_the_config(cohort_config):
     config = load_config(
-        cohort_config, ["clustering.n_clusters=3", "clustering.refine=false", "preprocessing.n_comps=8"]
+        cohort_config,
+        ["clustering.n_clusters=3", "clustering.refine=false", "preprocessing.n_comps=8"],
     )
     result = run(config)
-    assert result.adata.obs["pca_domain"].nunique() == 3
-    assert "pca_domain_unrefined" not in result.adata.obs
+    assert result.adata.obs["harmony_domain"].nunique() == 3
+    assert "harmony_domain_unrefined" not in result.adata.obs
     assert result.adata.obsm[K.PCA].shape[1] == 8
+
+
+@pytest.mark.parametrize("method", ["none", "scanorama"])
+def test_integration_method_is_chosen_by_name(cohort_config, method):
+    result = run(load_config(cohort_config, [f"integration.method={method}"]))
+    key = "pca_domain" if method == "none" else f"{method}_domain"
+    assert result.domain_key == key
+    assert result.adata.obs[key].nunique() == 5
+    if method != "none":
+        assert result.adata.obsm[f"X_pca_{method}"].shape == result.adata.obsm[K.PCA].shape
 
 
 def test_failed_run_leaves_existing_folder_untouched(cohort_config, tmp_path):

@@ -76,7 +76,9 @@ def test_scaled_pca_sparse_and_dense_agree():
     sparse = scaled_pca(__import__("scipy.sparse").sparse.csr_matrix(X), n_comps=5)
     dense_ref = (X - X.mean(0)) / X.std(0, ddof=1)
     u, s, vt = np.linalg.svd(dense_ref, full_matrices=False)
-    np.testing.assert_allclose(np.abs(sparse.scores), np.abs(u[:, :5] * s[:5]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.abs(sparse.scores), np.abs(u[:, :5] * s[:5]), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_preprocessing_rejects_normalised_input(demo):

@@ -2,8 +2,8 @@ import subprocess
 import sys
 
 import pytest
-from bad_inputs import CASES
 
+from bad_inputs import CASES
 from spatlas.cli import main
 from spatlas.datasets._demo import dlpfc_demo_sheet
 
@@ -37,7 +37,8 @@ def test_validate_summarises_the_demo_sheet(capsys):
 def test_validate_command_exit_code_from_a_real_process(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "spatlas.cli", "validate", str(tmp_path / "missing.csv")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ")

@@ -1,8 +1,9 @@
 """Build the bundled demo cohort (DLPFC donor Br8100) from ../shared/data/dlpfc.
 
-Writes one Space Ranger-style folder per slice (filtered_feature_bc_matrix.h5 on the 1,125 genes the
-four slices share, spatial/ positions + scalefactors + lowres image), an annotations.csv per slice
-(layer labels, nuclei counts) and a samples.csv sheet, under src/spatlas/datasets/_data/dlpfc_br8100.
+Writes one Space Ranger-style folder per slice (filtered_feature_bc_matrix.h5 on the 1,125 genes
+the four slices share, spatial/ positions + scalefactors + lowres image), an annotations.csv per
+slice (layer labels, nuclei counts) and a samples.csv sheet, under
+src/spatlas/datasets/_data/dlpfc_br8100.
 
     python tools/make_dlpfc_demo.py [--shared ../shared/data/dlpfc]
 """
@@ -25,13 +26,20 @@ OUT = Path(__file__).resolve().parents[1] / "src/spatlas/datasets/_data/dlpfc_br
 
 
 def main() -> None:
+    """Build the demo folders from the shared DLPFC copy."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", default=Path(__file__).resolve().parents[2] / "shared/data/dlpfc")
+    parser.add_argument(
+        "--shared", default=Path(__file__).resolve().parents[2] / "shared/data/dlpfc"
+    )
     args = parser.parse_args()
     src = Path(args.shared)
-    counts = {s: ad.read_h5ad(src / f"counts_banksy_top5000/{s}_top5000_counts.h5ad") for s in SAMPLES}
+    counts = {
+        s: ad.read_h5ad(src / f"counts_banksy_top5000/{s}_top5000_counts.h5ad") for s in SAMPLES
+    }
     shared = sorted(set.intersection(*(set(a.var_names) for a in counts.values())))
-    nuclei = pd.read_csv(src / "dlpfc_histology_nuclei_counts_per_spot.tsv.gz", sep="\t", dtype={"sample": str})
+    nuclei = pd.read_csv(
+        src / "dlpfc_histology_nuclei_counts_per_spot.tsv.gz", sep="\t", dtype={"sample": str}
+    )
     if OUT.exists():
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
@@ -57,8 +65,15 @@ def main() -> None:
             }
         )
         ann.to_csv(folder / "annotations.csv", index=False)
-        rows.append({"sample": s, "donor": DONOR, "path": s, "annotations": f"{s}/annotations.csv",
-                     "label_column": "layer"})
+        rows.append(
+            {
+                "sample": s,
+                "donor": DONOR,
+                "path": s,
+                "annotations": f"{s}/annotations.csv",
+                "label_column": "layer",
+            }
+        )
         print(s, a.shape, int(a.X.nnz), "labelled", int((ann["layer"] != "").sum()))
     pd.DataFrame(rows).to_csv(OUT / "samples.csv", index=False)
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())

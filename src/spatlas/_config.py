@@ -61,6 +61,19 @@ class PreprocessingConfig:
 
 
 @dataclass
+class IntegrationConfig:
+    """Horizontal integration of the expression PCs; see ``spatlas.pp.integrate``.
+
+    ``method``: ``harmony`` | ``scanorama`` | ``scvi`` | ``none``; ``params`` go to the method
+    (``theta``, ``sigma``, ``n_layers``, ``max_epochs``, ...).
+    """
+
+    method: str = "harmony"
+    batch_key: str = "sample"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
 class ClusteringConfig:
     """Domain calling on the final embedding; see ``spatlas.tl.cluster`` and ``spatlas.tl.refine``.
 
@@ -81,6 +94,7 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    integration: IntegrationConfig = field(default_factory=IntegrationConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
 
 
@@ -102,7 +116,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError as err:
                 errors.append(err)
         raise ConfigError(
-            f"{where}: {value!r} is not one of {' | '.join(_type_name(a) for a in typing.get_args(tp))}"
+            f"{where}: {value!r} is not one of "
+            + " | ".join(_type_name(a) for a in typing.get_args(tp))
         )
     if tp is type(None):
         if value is None:
@@ -205,7 +220,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config is a mapping of sections (data:, clustering:, ...)")
+            raise ConfigError(
+                f"{path}: a config is a mapping of sections (data:, clustering:, ...)"
+            )
         base = path.resolve().parent
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data, base=base)

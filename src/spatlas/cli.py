@@ -21,11 +21,16 @@ EXIT_INPUT = 2
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run folder to create")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set clustering.n_clusters=7 (repeatable)",
     )
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace a non-empty --out folder (only once the new run has succeeded)",
     )
 
@@ -73,7 +78,10 @@ def _cmd_run(args: argparse.Namespace, config_path: Path) -> int:
         cols = ["sample", "n_spots", "n_labelled", "ari", "nmi"]
         print(result.metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     total = result.timings["seconds"].sum()
-    print(f"run folder: {args.out} ({total:.1f} s, peak RSS {result.timings['peak_rss_mb'].max():.0f} MB)")
+    print(
+        f"run folder: {args.out} ({total:.1f} s, "
+        f"peak RSS {result.timings['peak_rss_mb'].max():.0f} MB)"
+    )
     return 0
 
 

@@ -45,7 +45,9 @@ def _step(name: str, steps: list[dict]) -> Iterator[None]:
     start = time.perf_counter()
     yield
     seconds = time.perf_counter() - start
-    steps.append({"step": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)})
+    steps.append(
+        {"step": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    )
     logger.info("step %s done in %.1f s (peak RSS %.0f MB)", name, seconds, peak_rss_mb())
 
 
@@ -55,7 +57,9 @@ def load_cohort(config: Config) -> ad.AnnData:
 
     data = config.data
     sources = [
-        name for name in ("sheet", "samples", "h5ad", "dataset") if getattr(data, name) not in (None, [])
+        name
+        for name in ("sheet", "samples", "h5ad", "dataset")
+        if getattr(data, name) not in (None, [])
     ]
     if len(sources) != 1:
         raise ConfigError(
@@ -70,12 +74,18 @@ def load_cohort(config: Config) -> ad.AnnData:
         if data.dataset == "synthetic":
             params = {"seed": config.seed, **data.dataset_params}
             return datasets.synthetic_cohort(**params)
-        raise ConfigError(f"data.dataset: unknown dataset '{data.dataset}' (known: {', '.join(DATASETS)})")
+        raise ConfigError(
+            f"data.dataset: unknown dataset '{data.dataset}' (known: {', '.join(DATASETS)})"
+        )
     if data.h5ad is not None:
         if data.sample_key is None:
-            raise ConfigError("data.h5ad needs data.sample_key, the obs column naming each spot's sample")
+            raise ConfigError(
+                "data.h5ad needs data.sample_key, the obs column naming each spot's sample"
+            )
         parts = io.read_h5ad(
-            data.h5ad, sample_key=data.sample_key, donor_key=data.donor_key,
+            data.h5ad,
+            sample_key=data.sample_key,
+            donor_key=data.donor_key,
             counts_layer=data.counts_layer,
         )
         if data.label_column is not None:
@@ -144,22 +154,50 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
     with _step("load", steps):
         adata = load_cohort(config)
         summary = io.summarize_cohort(adata)
-        logger.info("cohort: %d spots x %d genes\n%s", adata.n_obs, adata.n_vars, summary.to_string(index=False))
+        logger.info(
+            "cohort: %d spots x %d genes\n%s",
+            adata.n_obs,
+            adata.n_vars,
+            summary.to_string(index=False),
+        )
     prep = config.preprocessing
     with _step("preprocess", steps):
         pp.preprocess_expression(
-            adata, min_spots=prep.min_spots, n_top_genes=prep.n_top_genes,
-            hvg_flavor=prep.hvg_flavor, batch_key=prep.batch_key, target_sum=prep.target_sum,
-            scale_max_value=prep.scale_max_value, n_comps=prep.n_comps, seed=config.seed,
+            adata,
+            min_spots=prep.min_spots,
+            n_top_genes=prep.n_top_genes,
+            hvg_flavor=prep.hvg_flavor,
+            batch_key=prep.batch_key,
+            target_sum=prep.target_sum,
+            scale_max_value=prep.scale_max_value,
+            n_comps=prep.n_comps,
+            seed=config.seed,
         )
-    basis = K.PCA
-    domain_key = K.domain_key(basis)
+    integ = config.integration
+    if integ.method == "none":
+        basis, method_name = K.PCA, "pca"
+    else:
+        with _step("integrate", steps):
+            basis = pp.integrate(
+                adata,
+                basis=K.PCA,
+                batch_key=integ.batch_key,
+                method=integ.method,
+                seed=config.seed,
+                **integ.params,
+            )
+        method_name = integ.method
+    domain_key = K.domain_key(method_name)
     clus = config.clustering
     with _step("cluster", steps):
         raw_key = f"{domain_key}_unrefined" if clus.refine else domain_key
         tl.cluster(
-            adata, basis=basis, method=clus.method, n_clusters=_n_clusters(config, adata),
-            seed=config.seed, key_added=raw_key,
+            adata,
+            basis=basis,
+            method=clus.method,
+            n_clusters=_n_clusters(config, adata),
+            seed=config.seed,
+            key_added=raw_key,
         )
         if clus.refine:
             tl.refine(adata, key=raw_key, k=clus.refine_k, key_added=domain_key)
@@ -167,11 +205,19 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
     if K.LABEL in adata.obs and adata.obs[K.LABEL].notna().any():
         with _step("evaluate", steps):
             table = metrics.evaluate(
-                adata, cluster_key=domain_key, embedding_key=basis,
-                exclude_labels=tuple(config.data.exclude_labels), seed=config.seed,
+                adata,
+                cluster_key=domain_key,
+                embedding_key=basis,
+                exclude_labels=tuple(config.data.exclude_labels),
+                seed=config.seed,
             )
             mean = table.loc[table["sample"] == "mean"].iloc[0]
-            logger.info("ARI per sample: %s; mean %.3f; NMI mean %.3f", _ari_line(table), mean["ari"], mean["nmi"])
+            logger.info(
+                "ARI per sample: %s; mean %.3f; NMI mean %.3f",
+                _ari_line(table),
+                mean["ari"],
+                mean["nmi"],
+            )
     timings = pd.DataFrame(steps)
     if stage is not None:
         with _step("write", steps):
@@ -187,10 +233,11 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
                 table.to_csv(stage / "metrics.csv", index=False, float_format="%.4f")
         timings = pd.DataFrame(steps)
         timings.to_csv(stage / "timings.csv", index=False)
-    return RunResult(adata=adata, metrics=table, timings=timings, domain_key=domain_key, steps=steps)
+    return RunResult(
+        adata=adata, metrics=table, timings=timings, domain_key=domain_key, steps=steps
+    )
 
 
 def _ari_line(table: pd.DataFrame) -> str:
     rows = table.loc[~table["sample"].isin(["mean", "all"]) & table["ari"].notna()]
     return " ".join(f"{r.sample}={r.ari:.3f}" for r in rows.itertuples())
-

@@ -96,7 +96,9 @@ def standardise_h5ad_sample(
         else:
             problems.extend(
                 check_coordinates_in_image(
-                    xy, image_size(fullres_image), what=f"full-resolution image {fullres_image}",
+                    xy,
+                    image_size(fullres_image),
+                    what=f"full-resolution image {fullres_image}",
                     where=where,
                 )
             )
@@ -143,8 +145,12 @@ def read_h5ad(
         if sample is None:
             raise SpatlasInputError(f"{path}: give a sample id (sample=...) or a sample_key column")
         return standardise_h5ad_sample(
-            adata, sample=sample, donor=donor, counts_layer=counts_layer,
-            fullres_image=fullres_image, where=f"{path} [{sample}]",
+            adata,
+            sample=sample,
+            donor=donor,
+            counts_layer=counts_layer,
+            fullres_image=fullres_image,
+            where=f"{path} [{sample}]",
         )
     for key in (sample_key, donor_key):
         if key is not None and key not in adata.obs:

@@ -171,7 +171,7 @@ def _labels_to_obs(values: pd.Series) -> pd.Categorical:
 
 
 def read_sample(spec: SampleSpec) -> ad.AnnData:
-    """Read and check the sample one :class:`SampleSpec` describes (labels into ``obs['label']``)."""
+    """Read and check the sample a :class:`SampleSpec` describes (labels into ``obs['label']``)."""
     path = Path(spec.path)
     where = f"sample {spec.sample}"
     if not path.exists():
@@ -182,7 +182,10 @@ def read_sample(spec: SampleSpec) -> ad.AnnData:
         )
     elif path.suffix == ".h5ad":
         adata = read_h5ad(
-            path, sample=spec.sample, donor=spec.donor, counts_layer=spec.counts_layer,
+            path,
+            sample=spec.sample,
+            donor=spec.donor,
+            counts_layer=spec.counts_layer,
             fullres_image=spec.image,
         )
     else:
@@ -201,7 +204,10 @@ def read_sample(spec: SampleSpec) -> ad.AnnData:
         if not found.all():
             logger.warning(
                 "%s: %d of %d spots have no row in %s (left unlabelled)",
-                where, (~found).sum(), found.size, spec.annotations,
+                where,
+                (~found).sum(),
+                found.size,
+                spec.annotations,
             )
         joined = ann.reindex(barcodes.to_numpy())
         for col in joined.columns:
@@ -251,7 +257,12 @@ def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.A
                 a.obs[c] = pd.Series(np.nan, index=a.obs_names, dtype=object)
         aligned.append(a)
     cohort = ad.concat(
-        aligned, join=join, keys=samples, label=K.SAMPLE, index_unique="-", merge="same",
+        aligned,
+        join=join,
+        keys=samples,
+        label=K.SAMPLE,
+        index_unique="-",
+        merge="same",
         fill_value=0,
     )
     cohort.obs[K.SAMPLE] = pd.Categorical(cohort.obs[K.SAMPLE].astype(str), categories=samples)
@@ -276,14 +287,13 @@ def _read_all(specs: Sequence[SampleSpec]) -> tuple[list[ad.AnnData], list[str]]
     if any(labelled) and not all(labelled):
         logger.info(
             "label columns given for %d of %d samples; the others count as unlabelled",
-            sum(labelled), len(labelled),
+            sum(labelled),
+            len(labelled),
         )
     return adatas, problems
 
 
-def read_cohort(
-    sheet: str | Path | Sequence[SampleSpec], *, join: str = "inner"
-) -> ad.AnnData:
+def read_cohort(sheet: str | Path | Sequence[SampleSpec], *, join: str = "inner") -> ad.AnnData:
     """Read every sample of a sample sheet, check it, and concatenate into one AnnData.
 
     Parameters

@@ -14,7 +14,7 @@ from .._errors import SpatlasInputError
 from .._logging import logger
 from ._images import image_size, read_image
 from ._tenx import read_10x_h5, read_10x_mtx
-from ._validate import check_counts, check_coordinates_in_image
+from ._validate import check_coordinates_in_image, check_counts
 
 POSITION_COLUMNS = [
     "barcode",
@@ -185,7 +185,8 @@ def read_spaceranger(
     unknown = counts.obs_names.difference(positions.index)
     if len(unknown):
         raise SpatlasInputError(
-            f"{path}: {len(unknown)} of {counts.n_obs} barcodes in the count matrix have no position "
+            f"{path}: {len(unknown)} of {counts.n_obs} barcodes in the count matrix have no "
+            "position "
             f"in {positions_path.name} (e.g. {', '.join(unknown[:3])}); the count matrix and the "
             "spatial/ folder come from different runs or samples"
         )
@@ -193,9 +194,7 @@ def read_spaceranger(
     if in_tissue_only:
         keep = positions["in_tissue"].to_numpy() == 1
         if not keep.all():
-            logger.info(
-                "%s: keeping %d of %d barcodes under tissue", sample, keep.sum(), keep.size
-            )
+            logger.info("%s: keeping %d of %d barcodes under tissue", sample, keep.sum(), keep.size)
         counts, positions = counts[keep].copy(), positions.loc[keep]
 
     problems.extend(check_counts(counts.X, where=str(counts_path)))
@@ -221,14 +220,18 @@ def read_spaceranger(
             continue
         problems.extend(
             check_coordinates_in_image(
-                xy * scalef, img.shape[:2], what=f"tissue_{res}_image.png (x {scalef:g})",
+                xy * scalef,
+                img.shape[:2],
+                what=f"tissue_{res}_image.png (x {scalef:g})",
                 where=str(path),
             )
         )
     if fullres_image is not None:
         problems.extend(
             check_coordinates_in_image(
-                xy, image_size(fullres_image), what=f"full-resolution image {fullres_image}",
+                xy,
+                image_size(fullres_image),
+                what=f"full-resolution image {fullres_image}",
                 where=str(path),
             )
         )

@@ -38,7 +38,8 @@ def check_counts(X, *, where: str) -> list[str]:
         if frac.any():
             example = values[frac][0]
             problems.append(
-                f"{where}: counts are not integers (e.g. {example:g}); spatlas needs raw UMI counts "
+                f"{where}: counts are not integers (e.g. {example:g}); spatlas needs raw UMI "
+                "counts "
                 "(for .h5ad input, keep them in X or name the layer with counts_layer)"
             )
     return problems

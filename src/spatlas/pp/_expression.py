@@ -1,4 +1,7 @@
-"""Transcriptomics preprocessing as in the paper (appendix A.5): HVG -> normalise -> log1p -> scale -> PCA."""
+"""Transcriptomics preprocessing as in the paper (appendix A.5).
+
+Genes filtered -> HVG (Seurat v3 on counts) -> normalise -> log1p -> scale -> PCA.
+"""
 
 from __future__ import annotations
 
@@ -88,7 +91,11 @@ def scaled_pca(
             return Xs.T @ U - np.outer(shift, U.sum(axis=0))
 
         op = LinearOperator(
-            (n, g), matvec=matvec, rmatvec=rmatvec, matmat=matmat, rmatmat=rmatmat,
+            (n, g),
+            matvec=matvec,
+            rmatvec=rmatvec,
+            matmat=matmat,
+            rmatmat=rmatmat,
             dtype=np.float64,
         )
     v0 = np.random.default_rng(seed).standard_normal(min(n, g))
@@ -167,9 +174,7 @@ def preprocess_expression(
     counts = adata.layers[K.COUNTS]
     detected = np.asarray((counts > 0).sum(axis=0)).ravel()
     keep = detected >= min_spots
-    logger.info(
-        "genes: keeping %d of %d detected in >= %d spots", keep.sum(), keep.size, min_spots
-    )
+    logger.info("genes: keeping %d of %d detected in >= %d spots", keep.sum(), keep.size, min_spots)
     if keep.sum() <= n_comps:
         raise SpatlasInputError(
             f"only {keep.sum()} genes are detected in >= {min_spots} spots; lower min_spots "
@@ -185,7 +190,11 @@ def preprocess_expression(
     else:
         batches = batch_key if batch_key and adata.obs[batch_key].nunique() > 1 else None
         sc.pp.highly_variable_genes(
-            adata, n_top_genes=n_hvg, flavor=hvg_flavor, batch_key=batches, layer=K.COUNTS,
+            adata,
+            n_top_genes=n_hvg,
+            flavor=hvg_flavor,
+            batch_key=batches,
+            layer=K.COUNTS,
         )
         logger.info("selected %d highly variable genes (%s)", adata.var[K.HVG].sum(), hvg_flavor)
 
@@ -206,7 +215,13 @@ def preprocess_expression(
     adata.varm["PCs"] = pcs
     adata.uns["pca"] = {"variance": pca.variance, "variance_ratio": pca.variance_ratio}
     adata.uns.setdefault(K.UNS, {})["preprocessing"] = {
-        "min_spots": min_spots, "n_top_genes": n_top_genes, "hvg_flavor": hvg_flavor,
-        "batch_key": batch_key, "target_sum": target_sum, "scale_max_value": scale_max_value,
-        "n_comps": n_comps, "seed": seed, "key_added": key_added,
+        "min_spots": min_spots,
+        "n_top_genes": n_top_genes,
+        "hvg_flavor": hvg_flavor,
+        "batch_key": batch_key,
+        "target_sum": target_sum,
+        "scale_max_value": scale_max_value,
+        "n_comps": n_comps,
+        "seed": seed,
+        "key_added": key_added,
     }
