@@ -1,0 +1,24 @@
+"""Tools on embeddings: clustering into domains, automatic K, spatial refinement."""
+
+from ._cluster import (
+    canonical_labels,
+    choose_k,
+    cluster,
+    gmm_labels,
+    kmeans_labels,
+    knn_graph,
+    leiden_labels,
+)
+from ._refine import refine, refine_labels
+
+__all__ = [
+    "canonical_labels",
+    "choose_k",
+    "cluster",
+    "gmm_labels",
+    "kmeans_labels",
+    "knn_graph",
+    "leiden_labels",
+    "refine",
+    "refine_labels",
+]
