@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from spaceranger_fixtures import make_spaceranger
 from spatlas.io import read_spaceranger, write_10x_h5, write_h5ad
+
+from spaceranger_fixtures import make_spaceranger
 
 
 def _sheet(root: Path, rows: list[dict]) -> Path:

@@ -6,7 +6,6 @@ import pytest
 from PIL import Image
 
 import spatlas
-from spaceranger_fixtures import LAYOUTS, blank_tiff, make_spaceranger
 from spatlas import _keys as K
 from spatlas.io import (
     SampleSpec,
@@ -16,6 +15,8 @@ from spatlas.io import (
     read_spaceranger,
     write_h5ad,
 )
+
+from spaceranger_fixtures import LAYOUTS, blank_tiff, make_spaceranger
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

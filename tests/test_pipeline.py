@@ -2,12 +2,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from spaceranger_fixtures import SOURCE, make_spaceranger
 from spatlas import _keys as K
 from spatlas._config import load_config
 from spatlas._errors import ConfigError, SpatlasInputError
 from spatlas.cli import main
 from spatlas.pipeline import run
+
+from spaceranger_fixtures import SOURCE, make_spaceranger
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,10 @@ import sys
 
 import pytest
 
-from bad_inputs import CASES
 from spatlas.cli import main
 from spatlas.datasets._demo import dlpfc_demo_sheet
+
+from bad_inputs import CASES
 
 
 @pytest.mark.parametrize("name", list(CASES))

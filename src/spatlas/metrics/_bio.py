@@ -98,6 +98,7 @@ def silhouette_samples(
     Returns an empty array when there are fewer than 2 groups or fewer spots than groups + 1
     (silhouette is undefined). Singleton groups get 0, as in scikit-learn.
     """
+    from sklearn import config_context
     from sklearn.metrics import silhouette_samples as _sk_silhouette_samples
 
     rows = np.flatnonzero(label_codes >= 0)
@@ -106,7 +107,9 @@ def silhouette_samples(
     n_groups = len(np.unique(y))
     if n_groups < 2 or n_groups >= len(y):
         return np.empty(0)
-    return _sk_silhouette_samples(X[rows], y, metric="euclidean")
+    # scikit-learn's pairwise chunks default to 1 GB of working memory; 128 MB is as fast here
+    with config_context(working_memory=128):
+        return _sk_silhouette_samples(X[rows], y, metric="euclidean")
 
 
 def asw_label(

@@ -1,0 +1,44 @@
+"""Process-wide settings (threads)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+def _default_threads() -> int:
+    env = os.environ.get("SPATLAS_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - macOS
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class Settings:
+    """``n_threads``: threads for torch and BLAS in training loops (env ``SPATLAS_NUM_THREADS``)."""
+
+    n_threads: int = _default_threads()
+
+
+settings = Settings()
+
+
+@contextmanager
+def torch_threads(n: int | None = None) -> Iterator[None]:
+    """Run a block with torch (and BLAS/OpenMP) limited to ``n`` threads, then restore."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = n or settings.n_threads
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(old)
