@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import resource
-import sys
 from pathlib import Path
 
 import pandas as pd
+
+from spatlas._resources import peak_rss_mb  # noqa: F401  (re-exported for the scripts)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -38,12 +38,6 @@ def load_dataset(name: str):
         )
         return load_cohort(Config(data=data))
     raise ValueError(f"unknown dataset {name}")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process, MB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
 
 
 def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:

@@ -11,7 +11,8 @@ peak RSS.
     python benchmarks/baselines.py --datasets her2st --methods none harmony
     python benchmarks/baselines.py --scvi-epochs 100     # cap scVI's epochs (default: its own rule)
 
-Writes benchmarks/results/baselines.csv and baselines.md.
+Writes benchmarks/results/baselines.csv and baselines.md (rows of other datasets / methods already
+in the CSV are kept, so methods can be run separately).
 """
 
 from __future__ import annotations
@@ -156,10 +157,23 @@ def main() -> None:
                 )
     table = pd.DataFrame(rows)
     RESULTS.mkdir(exist_ok=True)
-    table.to_csv(RESULTS / "baselines.csv", index=False, float_format="%.4f")
+    csv = RESULTS / "baselines.csv"
+    if csv.exists():  # keep earlier results of the other datasets / methods
+        old = pd.read_csv(csv)
+        done = set(zip(table["dataset"], table["method"], strict=True))
+        keep = [(d, m) not in done for d, m in zip(old["dataset"], old["method"], strict=True)]
+        table = pd.concat([old.loc[keep], table], ignore_index=True)
+        order = {m: i for i, m in enumerate(METHODS)}
+        table = table.sort_values(
+            ["dataset", "method", "refine"], key=lambda c: c.map(order) if c.name == "method" else c
+        )
+    table.to_csv(csv, index=False, float_format="%.4f")
     parts = []
     for dataset, sub in table.groupby("dataset", sort=False):
         sub = sub.dropna(axis=1, how="all").drop(columns=["dataset"])
+        per_sample = [f"ARI {s}" for s in DATASETS[dataset]["annotated"]]
+        first = ["method", "refine", *per_sample]
+        sub = sub[first + [c for c in sub.columns if c not in first]]
         parts.append(f"### {dataset} (seed {args.seed})\n\n" + markdown_table(sub))
     (RESULTS / "baselines.md").write_text("\n".join(parts))
     print("\n".join(parts))

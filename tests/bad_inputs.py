@@ -1,6 +1,7 @@
 """A catalogue of bad inputs: each builds a broken cohort (or config) and names the expected error.
 
-Used by ``tests/test_validate.py`` (one test per case) and ``benchmarks/bad_inputs.py`` (the table).
+Used by ``tests/test_validate.py`` (one test per case) and ``benchmarks/bad_input_table.py``
+(the table).
 """
 
 from __future__ import annotations

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,14 +15,9 @@ from . import _keys as K
 from ._config import Config, config_to_dict
 from ._errors import ConfigError, SpatlasInputError
 from ._logging import add_file_handler, logger
+from ._resources import peak_rss_mb
 
 DATASETS = ("dlpfc_demo", "synthetic")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
 
 
 @dataclass

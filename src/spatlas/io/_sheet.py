@@ -217,7 +217,11 @@ def read_sample(spec: SampleSpec) -> ad.AnnData:
     if spec.label_column is not None:
         if spec.label_column not in adata.obs:
             source = spec.annotations or spec.path
-            cols = [c for c in adata.obs.columns if c not in (K.SAMPLE, K.DONOR)]
+            cols = (
+                list(ann.columns)
+                if spec.annotations is not None
+                else [c for c in adata.obs.columns if c not in RESERVED_OBS]
+            )
             raise SpatlasInputError(
                 f"{where}: label column '{spec.label_column}' does not exist in {source} "
                 f"(columns: {', '.join(map(str, cols))})"
