@@ -74,6 +74,62 @@ class IntegrationConfig:
 
 
 @dataclass
+class MorphologyConfig:
+    """Morphology features and their corrected embedding (``spatlas.pp.morphology_*``).
+
+    See ``spatlas.pp.morphology_features`` and ``spatlas.pp.morphology_embedding``. Runs after
+    the expression integration and writes ``obsm['X_morph_pca']`` and
+    ``obsm['X_morph_<integration>']`` (clustering still uses the expression embedding).
+
+    ``extractor``: ``handcrafted`` | ``inception_v3`` | ``uni2h`` | ``timm:<arch>``;
+    ``weights``: local weights file or directory of a network extractor (never downloaded;
+    ``random`` for an untrained baseline); ``image``: ``auto`` | ``fullres`` | ``hires`` |
+    ``lowres``; ``stain_norm``: ``macenko`` | ``reinhard`` | empty; ``stain_reference``: an
+    image (empty: pooled over all slides); ``patch_scale``: patch side in spot diameters;
+    ``integration``: ``harmony`` | ``scanorama`` | ``none`` with ``params`` (e.g. theta).
+    """
+
+    enabled: bool = False
+    extractor: str = "handcrafted"
+    weights: str | None = None
+    extractor_params: dict = field(default_factory=dict)
+    image: str = "auto"
+    patch_scale: float = 1.0
+    pad: str = "constant"
+    stain_norm: str | None = None
+    stain_reference: str | None = None
+    batch_size: int = 64
+    device: str = "auto"
+    n_comps: int = 20
+    integration: str = "harmony"
+    batch_key: str = "sample"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """The fusion model on the integrated embeddings; see ``spatlas.models`` (``list_models()``).
+
+    ``name``: ``grid_ae`` or ``none`` (cluster the integration output directly). The model reads
+    the integrated expression embedding and ``obsm[morphology_key]`` when the cohort has it
+    (else expression only: the morphology weight is then 0); it writes ``obsm['X_<name>']``,
+    and domains come from that embedding (``obs['<name>_domain']``). ``morphology_weight``: α in
+    [0, 3] of the paper's loss; ``window``: odd side of the neighbourhood window; ``steps``:
+    optimiser steps. ``params`` go to the model as well (e.g. ``scaling``, ``batch_size``,
+    ``cross_sample_positives``, ``n_threads``, ``device``); the pseudo-label K defaults to
+    ``clustering.n_clusters``.
+    """
+
+    name: str = "none"
+    morphology_key: str = "X_morph_harmony"
+    morphology_weight: float = 1.5
+    window: int = 5
+    latent_dim: int = 16
+    steps: int = 1000
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
 class ClusteringConfig:
     """Domain calling on the final embedding; see ``spatlas.tl.cluster`` and ``spatlas.tl.refine``.
 
@@ -95,10 +151,18 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     integration: IntegrationConfig = field(default_factory=IntegrationConfig)
+    morphology: MorphologyConfig = field(default_factory=MorphologyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
 
 
-PATH_FIELDS = {("data", "sheet"), ("data", "h5ad")}
+PATH_FIELDS = {
+    ("data", "sheet"),
+    ("data", "h5ad"),
+    ("morphology", "weights"),
+    ("morphology", "stain_reference"),
+}
+NOT_PATHS = {"random"}  # morphology.weights: random for an untrained baseline
 
 
 def _type_name(tp: Any) -> str:
@@ -171,7 +235,7 @@ def config_from_dict(data: dict, *, base: Path | None = None) -> Config:
         for section, key in PATH_FIELDS:
             obj = getattr(config, section)
             value = getattr(obj, key)
-            if value and not Path(value).expanduser().is_absolute():
+            if value and value not in NOT_PATHS and not Path(value).expanduser().is_absolute():
                 setattr(obj, key, str((base / value).resolve()))
         if config.data.samples:
             for row in config.data.samples:

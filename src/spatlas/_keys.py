@@ -14,11 +14,15 @@ LABEL = "label"  # ground-truth domain annotation, when the cohort has one
 # obsm / uns
 SPATIAL = "spatial"  # obsm: full-resolution pixels (x, y); uns: per-sample images + scalefactors
 PCA = "X_pca"
+MORPH_FEATURES = "X_morph_features"  # raw patch features (float32, one column per feature)
+MORPH_PCA = "X_morph_pca"  # PCA of the pooled standardised morphology features
+MORPH_HARMONY = "X_morph_harmony"  # the morphology PCs corrected by Harmony on the sample
 
 # layers / var / uns
 COUNTS = "counts"  # raw UMI counts, kept through preprocessing
 HVG = "highly_variable"
 UNS = "spatlas"  # spatlas' own metadata (versions, preprocessing parameters)
+MORPHOLOGY = "morphology"  # uns['spatlas']['morphology']: extractor, images, stain statistics
 
 # uns['spatial'][sample] fields, as scanpy / squidpy write them
 IMAGES = "images"
@@ -38,3 +42,13 @@ def embedding_key(method: str) -> str:
 def domain_key(method: str) -> str:
     """``obs`` key of a method's spatial domains, e.g. ``harmony_domain``."""
     return f"{method.removeprefix('X_')}_domain"
+
+
+# fusion models (spatlas.models) and their neighbourhood windows (spatlas.pp.build_neighbourhoods)
+NEIGHBOURHOOD = "neighbourhood"  # obsm: (N, w²) int32 neighbour-index table, -1 = empty cell
+MODELS = "models"  # uns['spatlas']['models'][key_added]: model name, settings, losses, seconds
+
+
+def neighbourhood_key(window: int) -> str:
+    """``obsm`` key of a ``window x window`` neighbourhood table, e.g. ``neighbourhood_w5``."""
+    return f"{NEIGHBOURHOOD}_w{window}"

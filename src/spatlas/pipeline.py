@@ -141,6 +141,10 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
     from . import io, metrics, pp, tl
 
     steps: list[dict] = []
+    if _uses_model(config):  # a bad model name or setting fails before the slow steps
+        from . import models
+
+        _model_params(config, models.get_model(config.model.name), 7)
     if stage is not None:
         with open(stage / "config.yaml", "w") as fh:
             yaml.safe_dump(config_to_dict(config), fh, sort_keys=False)
@@ -180,6 +184,37 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
                 **integ.params,
             )
         method_name = integ.method
+    morph = config.morphology
+    if morph.enabled:
+        with _step("morphology", steps):
+            pp.morphology_features(
+                adata,
+                extractor=morph.extractor,
+                weights=morph.weights,
+                extractor_params=morph.extractor_params,
+                image=morph.image,
+                patch_scale=morph.patch_scale,
+                pad=morph.pad,
+                stain_norm=morph.stain_norm,
+                reference=morph.stain_reference,
+                batch_size=morph.batch_size,
+                device=morph.device,
+                sample_key=K.SAMPLE,
+                seed=config.seed,
+            )
+            pp.morphology_embedding(
+                adata,
+                n_comps=morph.n_comps,
+                method=morph.integration,
+                batch_key=morph.batch_key,
+                seed=config.seed,
+                **morph.params,
+            )
+    fitted = None
+    if _uses_model(config):
+        with _step("model", steps):
+            fitted = _fit_model(config, adata, basis)
+        basis, method_name = K.embedding_key(config.model.name), config.model.name
     domain_key = K.domain_key(method_name)
     clus = config.clustering
     with _step("cluster", steps):
@@ -224,10 +259,61 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
             domains.to_csv(stage / "domains.csv", index_label="spot")
             if table is not None:
                 table.to_csv(stage / "metrics.csv", index=False, float_format="%.4f")
+            if fitted is not None:
+                fitted.save(stage / "model")
         timings = pd.DataFrame(steps)
         timings.to_csv(stage / "timings.csv", index=False)
     return RunResult(
         adata=adata, metrics=table, timings=timings, domain_key=domain_key, steps=steps
+    )
+
+
+def _uses_model(config: Config) -> bool:
+    return config.model.name not in ("", "none")
+
+
+def _model_params(config: Config, cls: type, n_pseudo_labels: int) -> dict:
+    """Settings of the model: the section's common fields the model takes, then ``params``.
+
+    Unknown names in ``params`` are an error (raised here, before any slow step).
+    """
+    m = config.model
+    init, train = cls.parameters()
+    common = {
+        "morphology_weight": m.morphology_weight,
+        "window": m.window,
+        "latent_dim": m.latent_dim,
+        "steps": m.steps,
+        "n_pseudo_labels": n_pseudo_labels,
+    }
+    params = {k: v for k, v in common.items() if k in init or k in train}
+    params.update(m.params)
+    cls.split_params(params)
+    return params
+
+
+def _fit_model(config: Config, adata: ad.AnnData, basis: str):
+    """The fusion model on the integrated expression (+ morphology) embedding -> obsm."""
+    from . import models
+
+    m = config.model
+    morphology_key = m.morphology_key if m.morphology_key in adata.obsm else None
+    if morphology_key is None:
+        logger.info(
+            "model: no obsm['%s'] (morphology off): %s runs on expression only",
+            m.morphology_key,
+            m.name,
+        )
+    k = _n_clusters(config, adata)
+    cls = models.get_model(m.name)
+    return models.fit_model(
+        adata,
+        m.name,
+        expression_key=basis,
+        morphology_key=morphology_key,
+        sample_key=K.SAMPLE,
+        seed=config.seed,
+        **_model_params(config, cls, k if isinstance(k, int) else 7),
     )
 
 

@@ -1,1 +1,163 @@
-"""spatlas.models."""
+"""Fusion models (vertical integration), chosen by name from a registry (MISSION §1).
+
+``list_models()`` names them without importing torch; ``get_model(name)`` imports the model's
+module and returns its class; ``fit_model(adata, name, ...)`` builds, trains and writes the
+latent to ``obsm``::
+
+    spatlas.models.list_models()                        # ['grid_ae']
+    model = spatlas.models.fit_model(
+        adata, "grid_ae", expression_key="X_pca_harmony", morphology_key="X_morph_harmony",
+        morphology_weight=1.5, window=5, steps=1500,
+    )                                                   # -> obsm['X_grid_ae']
+
+New models register with :func:`register_model` (a class decorator); built-in models are listed
+in ``_BUILTIN`` so that ``list_models()`` knows them before their module is imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .. import _keys as K
+from .._errors import SpatlasInputError
+from .._logging import logger
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anndata import AnnData
+
+    from ._base import BaseModel
+
+__all__ = ["ModelEntry", "fit_model", "get_model", "list_models", "register_model"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its name, where its class lives (``module:Class``), one-line summary."""
+
+    name: str
+    target: str
+    summary: str
+
+
+_BUILTIN = (
+    ModelEntry(
+        "grid_ae",
+        "spatlas.models.grid_ae:GridAE",
+        "grid autoencoder on per-sample hex-aware windows with in-batch multi-triplet loss "
+        "(AESTETIK-style)",
+    ),
+)
+_ENTRIES: dict[str, ModelEntry] = {e.name: e for e in _BUILTIN}
+_CLASSES: dict[str, type] = {}
+
+M = TypeVar("M", bound=type)
+
+
+def register_model(name: str, *, summary: str = "") -> Callable[[M], M]:
+    """Class decorator registering a :class:`~spatlas.models._base.BaseModel` under ``name``."""
+
+    def decorator(cls: M) -> M:
+        cls.name = name  # type: ignore[attr-defined]
+        _CLASSES[name] = cls
+        if name not in _ENTRIES:
+            doc = (cls.__doc__ or "").strip().splitlines()
+            _ENTRIES[name] = ModelEntry(
+                name, f"{cls.__module__}:{cls.__qualname__}", summary or (doc[0] if doc else "")
+            )
+        return cls
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names of the registered models (imports no model module and no torch)."""
+    return sorted(_ENTRIES)
+
+
+def get_model(name: str) -> type[BaseModel]:
+    """The model class registered as ``name`` (imports its module, and torch, on first use)."""
+    if name not in _ENTRIES:
+        close = difflib.get_close_matches(str(name), list(_ENTRIES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise SpatlasInputError(f"unknown model '{name}'{hint} (known: {', '.join(list_models())})")
+    if name not in _CLASSES:
+        module, _, attr = _ENTRIES[name].target.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        _CLASSES.setdefault(name, cls)
+    return _CLASSES[name]
+
+
+def fit_model(
+    adata: AnnData,
+    name: str = "grid_ae",
+    *,
+    expression_key: str = "X_pca_harmony",
+    morphology_key: str | None = None,
+    sample_key: str = K.SAMPLE,
+    seed: int = 0,
+    key_added: str | None = None,
+    **params: Any,
+) -> BaseModel:
+    """Build model ``name`` on ``adata``, train it and store its latent.
+
+    Parameters
+    ----------
+    adata
+        Cohort holding the input embeddings.
+    name
+        A registered model (:func:`list_models`).
+    expression_key
+        ``obsm`` key of the integrated expression embedding.
+    morphology_key
+        ``obsm`` key of the integrated morphology embedding; ``None`` for expression only
+        (a morphology weight is then ignored).
+    sample_key
+        ``obs`` column of the sample (neighbourhoods and alignment stay within samples).
+    seed
+        Seed of every random choice of the model and its training.
+    key_added
+        ``obsm`` key of the latent; default ``X_{name}`` (``X_grid_ae``).
+    **params
+        Model settings: constructor (architecture) and ``train()`` (optimisation) arguments,
+        e.g. ``window``, ``latent_dim``, ``morphology_weight``, ``steps``; see the model class.
+
+    Returns
+    -------
+    The trained model. Writes ``obsm[key_added]`` (``float32``, ``(n_obs, latent_dim)``) and
+    ``uns['spatlas']['models'][key_added]`` (model name, input keys, settings, seconds, final
+    loss parts).
+    """
+    cls = get_model(name)
+    init_params, train_params = cls.split_params(params)
+    start = time.perf_counter()
+    model = cls(
+        adata,
+        expression_key=expression_key,
+        morphology_key=morphology_key,
+        sample_key=sample_key,
+        **init_params,
+    )
+    model.train(seed=seed, **train_params)
+    latent = model.get_latent()
+    seconds = time.perf_counter() - start
+    key_added = key_added or K.embedding_key(name)
+    adata.obsm[key_added] = latent
+    final = model.history[-1] if model.history else {}
+    adata.uns.setdefault(K.UNS, {}).setdefault(K.MODELS, {})[key_added] = {
+        "model": name,
+        "expression_key": expression_key,
+        "morphology_key": morphology_key or "",
+        "sample_key": sample_key,
+        "seed": seed,
+        "seconds": seconds,
+        "init_params": {k: ("" if v is None else v) for k, v in model.init_params.items()},
+        "train_params": {k: ("" if v is None else v) for k, v in model.train_params.items()},
+        "final_loss": {k: v for k, v in final.items() if k != "step"},
+    }
+    logger.info("model %s -> obsm['%s'] in %.1f s", name, key_added, seconds)
+    return model

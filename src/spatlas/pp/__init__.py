@@ -1,4 +1,4 @@
-"""Preprocessing: expression (HVG, normalisation, PCA) and horizontal integration."""
+"""Preprocessing: expression (HVG, normalisation, PCA), morphology and horizontal integration."""
 
 from ._expression import PCAResult, preprocess_expression, scaled_pca
 from ._integrate import (
@@ -8,14 +8,40 @@ from ._integrate import (
     list_integrations,
     register_integration,
 )
+from ._neighbourhoods import (
+    build_neighbourhoods,
+    detect_layout,
+    gather_windows,
+    neighbourhood_table,
+    window_offsets,
+)
+from .morphology import (
+    fit_stain_normalizer,
+    get_extractor,
+    list_extractors,
+    morphology_embedding,
+    morphology_features,
+    register_extractor,
+)
 
 __all__ = [
     "IntegrationMethod",
     "PCAResult",
+    "build_neighbourhoods",
+    "detect_layout",
+    "fit_stain_normalizer",
+    "gather_windows",
+    "get_extractor",
     "get_integration",
     "integrate",
+    "list_extractors",
     "list_integrations",
+    "morphology_embedding",
+    "morphology_features",
+    "neighbourhood_table",
     "preprocess_expression",
+    "register_extractor",
     "register_integration",
     "scaled_pca",
+    "window_offsets",
 ]
