@@ -273,7 +273,10 @@ def part_stain() -> pd.DataFrame:
 PARTS = {
     "her2st": (part_her2st, "her2st A1 (with A2): morphology-only K-Means ARI"),
     "dlpfc": (part_dlpfc, "DLPFC Br8100 lowres: handcrafted morphology-only K-Means ARI (K = 7)"),
-    "throughput": (part_throughput, "Throughput and peak memory, full-res her2st B4 (JPEG)"),
+    "throughput": (
+        part_throughput,
+        "Throughput and peak memory, full-res her2st B4 (BT10737_D2_HE.jpg)",
+    ),
     "stain": (part_stain, "Between-slide colour difference, her2st B4 + C2-C6 (full-res)"),
 }
 NOTES = {
@@ -291,7 +294,10 @@ NOTES = {
     "throughput": (
         "Each row is a fresh process: reading the JPEG (decoded once, ~276 MB), extracting "
         "145 px patches in batches of 64, resampling (handcrafted: 64 px; EfficientNet-Lite0: "
-        "224 px) and encoding on the CPU with one torch thread; peak RSS of that process."
+        "224 px) and encoding on the CPU with one torch thread; peak RSS of that process. "
+        "Image: BT10737_D2_HE.jpg (9,272 x 9,923 px). The 283-spot rows include decoding the "
+        "JPEG and building the network, the 5,000-spot rows show the steady rate. Measured "
+        "2026-11-23 beside other jobs (load average 4-5 on 2 cores): about half a core each."
     ),
     "stain": (
         "Mean LAB colour of tissue pixels under each slide's spots; distances between the six "
