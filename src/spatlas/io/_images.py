@@ -49,7 +49,11 @@ def read_image(path: str | Path) -> np.ndarray:
 
             Image.MAX_IMAGE_PIXELS = None
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+                im.load()
+                if im.mode != "RGB":  # convert() copies: only when needed (peak memory)
+                    im = im.convert("RGB")
+                arr = np.asarray(im)
+                del im
     except (OSError, ValueError) as err:
         raise SpatlasInputError(f"{path}: cannot read image ({err})") from None
     if arr is None:
