@@ -169,6 +169,14 @@ def test_morphology_weight_out_of_range_is_an_error(cohort):
         fit(cohort, "grid_ae", morphology_weight=3.5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu_is_a_clear_error(cohort):
+    with pytest.raises(SpatlasInputError, match="no CUDA GPU"):
+        fit(cohort, "grid_ae", device="cuda")
+    with pytest.raises(SpatlasInputError, match="device must be"):
+        fit(cohort, "grid_ae", device="tpu")
+
+
 def test_mc_dropout_is_optional_and_seeded(cohort):
     model = fit(cohort, "grid_ae")
     a = model.get_latent(mc_samples=4, seed=3)

@@ -42,3 +42,18 @@ def torch_threads(n: int | None = None) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(old)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    from ._deps import import_optional
+    from ._errors import SpatlasInputError
+
+    torch = import_optional("torch", purpose="models and extractors")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SpatlasInputError(f"device must be cpu, cuda or auto (got {device!r})")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpatlasInputError("device 'cuda' requested but no CUDA GPU is available")
+    return device

@@ -40,7 +40,7 @@ from torch import nn
 from .. import _keys as K
 from .._errors import SpatlasInputError
 from .._logging import logger
-from .._settings import torch_threads
+from .._settings import resolve_device, torch_threads
 from ..pp._neighbourhoods import Layout, _coordinates, neighbourhood_table
 from . import register_model
 from ._base import BaseModel
@@ -100,12 +100,6 @@ class GridAEModule(nn.Module):
         """``(latent, reconstruction)``; the reconstruction has the C feature channels."""
         z = self.encoder(x)
         return z, self.decoder(z)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @register_model("grid_ae")
@@ -386,7 +380,7 @@ class GridAE(BaseModel):
         source = self._window_mean(self._raw) if smooth_pseudo_labels else self._raw
         labels_e = kmeans_labels(source[:, :de], k, seed=seed) if use_tri_e else None
         labels_m = kmeans_labels(source[:, de:], k, seed=seed) if use_tri_m else None
-        dev = _resolve_device(device)
+        dev = torch.device(resolve_device(device))
 
         with (
             torch_threads(n_threads),

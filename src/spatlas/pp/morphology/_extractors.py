@@ -30,6 +30,7 @@ import numpy as np
 from ..._deps import import_optional
 from ..._errors import SpatlasInputError
 from ..._logging import logger
+from ..._settings import resolve_device
 from ._handcrafted import feature_names as handcrafted_feature_names
 from ._handcrafted import handcrafted_features
 from ._patches import resize_patches
@@ -355,18 +356,6 @@ def _efficientnet_pytorch_to_timm(state: dict, model) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # torch extractors
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    torch = import_optional("torch", purpose="morphology extractors")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise SpatlasInputError(f"device must be cpu, cuda or auto (got {device!r})")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SpatlasInputError("device 'cuda' requested but no CUDA GPU is available")
-    return device
 
 
 class TorchExtractor:
