@@ -81,7 +81,7 @@ def test_listing_models_does_not_import_torch():
         "print(names, 'torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['grid_ae'] False"
+    assert out.stdout.strip() == "['cross_attention', 'e2e', 'grid_ae', 'rank_align'] False"
 
 
 def test_unknown_setting_is_a_clear_error(cohort):

@@ -4,7 +4,7 @@
 module and returns its class; ``fit_model(adata, name, ...)`` builds, trains and writes the
 latent to ``obsm``::
 
-    spatlas.models.list_models()                        # ['grid_ae']
+    spatlas.models.list_models()   # ['cross_attention', 'e2e', 'grid_ae', 'rank_align']
     model = spatlas.models.fit_model(
         adata, "grid_ae", expression_key="X_pca_harmony", morphology_key="X_morph_harmony",
         morphology_weight=1.5, window=5, steps=1500,
@@ -50,6 +50,24 @@ _BUILTIN = (
         "spatlas.models.grid_ae:GridAE",
         "grid autoencoder on per-sample hex-aware windows with in-batch multi-triplet loss "
         "(AESTETIK-style)",
+    ),
+    ModelEntry(
+        "cross_attention",
+        "spatlas.models.cross_attention:CrossAttention",
+        "MultiST-style: gene MLP + graph convolution, image projection, cross-attention over "
+        "each spot's neighbourhood tokens, link prediction, InfoNCE, sample MMD",
+    ),
+    ModelEntry(
+        "rank_align",
+        "spatlas.models.rank_align:RankAlign",
+        "RankByGene-style: morphology aligned to expression by InfoNCE + ranking-consistency "
+        "hinge; output = the EMA teacher's aligned morphology embedding",
+    ),
+    ModelEntry(
+        "e2e",
+        "spatlas.models.e2e:E2E",
+        "grid autoencoder that corrects the batch while fusing (sample-conditional decoder, "
+        "MMD on the latent, per-sample pseudo-labels): feed it uncorrected PCs",
     ),
 )
 _ENTRIES: dict[str, ModelEntry] = {e.name: e for e in _BUILTIN}

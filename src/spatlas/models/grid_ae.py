@@ -29,7 +29,7 @@ median-of-3 ensembles.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -44,11 +44,33 @@ from .._settings import resolve_device, torch_threads
 from ..pp._neighbourhoods import Layout, _coordinates, neighbourhood_table
 from . import register_model
 from ._base import BaseModel
-from ._losses import LossParts, masked_l1, multi_triplet_loss
+from ._losses import (
+    LossParts,
+    SampleAdversary,
+    masked_l1,
+    mmd_between_samples,
+    multi_triplet_loss,
+)
+from ._spot import endless_batches, seeded_torch
 from ._trainer import TrainSettings, train_loop
 
 Scaling = Literal["standard", "minmax", "global"]
 SCALINGS = ("standard", "minmax", "global")
+BatchPenalty = Literal["none", "mmd", "adversarial"]
+BATCH_PENALTIES = ("none", "mmd", "adversarial")
+PseudoLabels = Literal["global", "per_sample"]
+PSEUDO_LABELS = ("global", "per_sample")
+
+
+def window_mean(X: np.ndarray, table: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Mean of ``X`` over each row's ``table`` entries that hold a spot (``>= 0``), ``(N, C)``."""
+    out = np.empty((table.shape[0], X.shape[1]), dtype=X.dtype)
+    for start in range(0, table.shape[0], chunk):
+        idx = table[start : start + chunk]
+        valid = idx >= 0
+        total = (X[np.maximum(idx, 0)] * valid[..., None]).sum(axis=1)
+        out[start : start + chunk] = total / np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    return out
 
 
 class GridAEModule(nn.Module):
@@ -58,7 +80,10 @@ class GridAEModule(nn.Module):
     Linear(hidden · w² -> latent). Decoder: Linear(latent -> hidden · w²) -> ReLU ->
     Conv(hidden -> C, 1 x 1) (-> sigmoid for inputs min-max scaled to [0, 1]): the linear
     layer already gives every cell its own code, so a per-cell read-out suffices and the
-    decoder costs a tenth of a 3 x 3 one.
+    decoder costs a tenth of a 3 x 3 one. With ``n_samples > 0`` the decoder is
+    sample-conditional (a learned sample code is added to the latent before decoding, so the
+    latent need not carry sample-specific offsets); ``adversary`` adds a sample classifier
+    trained through gradient reversal.
     """
 
     def __init__(
@@ -70,6 +95,8 @@ class GridAEModule(nn.Module):
         hidden: int = 32,
         dropout: float = 0.3,
         bounded_output: bool = False,
+        n_samples: int = 0,
+        adversary: bool = False,
     ) -> None:
         super().__init__()
         self.n_channels, self.window = n_channels, window
@@ -91,15 +118,23 @@ class GridAEModule(nn.Module):
         if bounded_output:
             decoder.append(nn.Sigmoid())
         self.decoder = nn.Sequential(*decoder)
+        self.sample_code = nn.Embedding(n_samples, latent_dim) if n_samples > 0 else None
+        self.adversary = SampleAdversary(latent_dim, max(n_samples, 2)) if adversary else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latent ``(B, latent_dim)`` of windows ``(B, C + 1, w, w)``."""
         return self.encoder(x)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(latent, reconstruction)``; the reconstruction has the C feature channels."""
+    def forward(
+        self, x: torch.Tensor, samples: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(latent, reconstruction)``; the reconstruction has the C feature channels.
+
+        ``samples`` (codes, ``(B,)``) condition the decoder when it is sample-conditional.
+        """
         z = self.encoder(x)
-        return z, self.decoder(z)
+        code = z if self.sample_code is None else z + self.sample_code(samples)
+        return z, self.decoder(code)
 
 
 @register_model("grid_ae")
@@ -135,6 +170,12 @@ class GridAE(BaseModel):
         Input scaling per channel: ``standard`` (z-score; default), ``minmax`` (to [0, 1], as
         the reference, with a sigmoid decoder output) or ``global`` (centred, one scale per
         modality, keeping the relative variance of the PCs).
+    sample_decoder
+        Condition the decoder on the sample (a learned code per sample added to the latent).
+    batch_penalty
+        Remove sample identity from the latent: ``none`` (default; the inputs are already
+        integrated), ``mmd`` (MMD between samples in each batch) or ``adversarial`` (sample
+        classifier behind gradient reversal). See the ``e2e`` model.
     """
 
     def __init__(
@@ -151,6 +192,8 @@ class GridAE(BaseModel):
         hidden: int = 32,
         dropout: float = 0.3,
         scaling: Scaling = "standard",
+        sample_decoder: bool = False,
+        batch_penalty: BatchPenalty = "none",
     ) -> None:
         super().__init__(
             adata,
@@ -165,6 +208,10 @@ class GridAE(BaseModel):
                 raise SpatlasInputError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= dropout < 1:
             raise SpatlasInputError(f"dropout must be in [0, 1), got {dropout}")
+        if batch_penalty not in BATCH_PENALTIES:
+            raise SpatlasInputError(
+                f"unknown batch_penalty {batch_penalty!r} (known: {', '.join(BATCH_PENALTIES)})"
+            )
         self.init_params = {
             "window": window,
             "layout": layout,
@@ -173,6 +220,8 @@ class GridAE(BaseModel):
             "hidden": hidden,
             "dropout": dropout,
             "scaling": scaling,
+            "sample_decoder": bool(sample_decoder),
+            "batch_penalty": batch_penalty,
         }
         self.window = window
         expr = np.asarray(adata.obsm[expression_key], dtype=np.float32)
@@ -186,6 +235,7 @@ class GridAE(BaseModel):
         xy, self.coords_used = _coordinates(adata, coords)
         samples = adata.obs[sample_key].astype(str).to_numpy()
         self.sample_codes = np.unique(samples, return_inverse=True)[1].ravel().astype(np.int64)
+        self.n_samples = int(self.sample_codes.max()) + 1 if self.n_obs else 0
         self.table, self.layouts = neighbourhood_table(xy, samples, window=window, layout=layout)
         self.scaler = self._fit_scaler()
         self.features = self._scale(self._raw)
@@ -211,22 +261,13 @@ class GridAE(BaseModel):
         scale = np.asarray(self.scaler["scale"], dtype=np.float64)
         return ((X - shift) / scale).astype(np.float32)
 
-    def _window_mean(self, X: np.ndarray, chunk: int = 65536) -> np.ndarray:
-        """Mean of ``X`` over each spot's window cells that hold a spot, shape ``(N, C)``."""
-        out = np.empty_like(X)
-        for start in range(0, X.shape[0], chunk):
-            idx = self.table[start : start + chunk]
-            valid = idx >= 0
-            total = (X[np.maximum(idx, 0)] * valid[..., None]).sum(axis=1)
-            out[start : start + chunk] = total / valid.sum(axis=1, keepdims=True)
-        return out
-
     def _get_state(self) -> dict[str, Any]:
         return {
             "scaler": self.scaler,
             "n_expression": self.n_expression,
             "n_morphology": self.n_morphology,
             "layouts": self.layouts,
+            "n_samples": self.n_samples,
         }
 
     def _set_state(self, state: dict[str, Any]) -> None:
@@ -250,6 +291,8 @@ class GridAE(BaseModel):
             hidden=p["hidden"],
             dropout=p["dropout"],
             bounded_output=p["scaling"] == "minmax",
+            n_samples=self.n_samples if p.get("sample_decoder") else 0,
+            adversary=p.get("batch_penalty") == "adversarial",
         )
 
     def _tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,9 +328,12 @@ class GridAE(BaseModel):
         total_weight: float = 3.0,
         rec_weight: float = 1.0,
         triplet_weight: float = 1.0,
+        batch_weight: float = 1.0,
         margin: float = 1.0,
         n_pseudo_labels: int = 7,
         smooth_pseudo_labels: bool = True,
+        pseudo_labels: PseudoLabels = "global",
+        relabel_after: float | None = None,
         cross_sample_positives: bool = False,
         seed: int = 0,
         device: str = "auto",
@@ -313,6 +359,9 @@ class GridAE(BaseModel):
             Sum of the two modality weights (paper: 3).
         rec_weight, triplet_weight
             Multipliers of the reconstruction and triplet parts inside each modality.
+        batch_weight
+            Weight of the sample-alignment part (with ``batch_penalty`` ``mmd`` or
+            ``adversarial``).
         margin
             Triplet margin (Euclidean distance on the latent).
         n_pseudo_labels
@@ -320,8 +369,16 @@ class GridAE(BaseModel):
         smooth_pseudo_labels
             Cluster each modality's embedding averaged over the spot's window (the cells that
             hold a spot) rather than the spot alone: spatially coherent pseudo-labels.
+        pseudo_labels
+            ``global``: K-Means over all spots (for integrated inputs); ``per_sample``: K-Means
+            within each sample, triplets drawn within each sample (for uncorrected inputs, whose
+            global clusters would follow the samples).
+        relabel_after
+            Fraction of the steps after which the pseudo-labels are replaced by K-Means of the
+            current latent over all spots (self-training; with a batch penalty the latent is
+            sample-aligned, so these labels are shared across samples). ``None``: never.
         cross_sample_positives
-            Draw triplet positives from other samples when the batch has any.
+            Draw triplet positives from other samples when the batch has any (global labels).
         seed
             Seed of the weights, batches, dropout, pseudo-labels and triplet draws.
         device
@@ -337,13 +394,17 @@ class GridAE(BaseModel):
         -------
         ``self``; ``self.history`` holds the loss parts every 10 steps.
         """
-        from ..tl._cluster import kmeans_labels
-
         alpha = float(morphology_weight)
         if not 0 <= alpha <= total_weight:
             raise SpatlasInputError(
                 f"morphology_weight must be in [0, {total_weight}], got {morphology_weight}"
             )
+        if pseudo_labels not in PSEUDO_LABELS:
+            raise SpatlasInputError(
+                f"unknown pseudo_labels {pseudo_labels!r} (known: {', '.join(PSEUDO_LABELS)})"
+            )
+        if relabel_after is not None and not 0 < relabel_after < 1:
+            raise SpatlasInputError(f"relabel_after must be in (0, 1) or None, got {relabel_after}")
         if self.n_morphology == 0 and alpha > 0:
             logger.info(
                 "%s: no morphology embedding, morphology_weight %.2f -> 0", self.name, alpha
@@ -367,9 +428,12 @@ class GridAE(BaseModel):
             "total_weight": total_weight,
             "rec_weight": rec_weight,
             "triplet_weight": triplet_weight,
+            "batch_weight": batch_weight,
             "margin": margin,
             "n_pseudo_labels": n_pseudo_labels,
             "smooth_pseudo_labels": smooth_pseudo_labels,
+            "pseudo_labels": pseudo_labels,
+            "relabel_after": relabel_after,
             "cross_sample_positives": cross_sample_positives,
             "seed": seed,
         }
@@ -377,46 +441,59 @@ class GridAE(BaseModel):
         k = int(min(n_pseudo_labels, n))
         use_tri_e = beta > 0 and triplet_weight > 0 and k >= 2
         use_tri_m = alpha > 0 and triplet_weight > 0 and k >= 2
-        source = self._window_mean(self._raw) if smooth_pseudo_labels else self._raw
-        labels_e = kmeans_labels(source[:, :de], k, seed=seed) if use_tri_e else None
-        labels_m = kmeans_labels(source[:, de:], k, seed=seed) if use_tri_m else None
+        source = window_mean(self._raw, self.table) if smooth_pseudo_labels else self._raw
+        per_sample = pseudo_labels == "per_sample"
+        labels_e = self._pseudo_labels(source[:, :de], k, seed, per_sample) if use_tri_e else None
+        labels_m = self._pseudo_labels(source[:, de:], k, seed, per_sample) if use_tri_m else None
+        relabel_step = None if relabel_after is None else int(relabel_after * settings.steps)
+        penalty = self.init_params["batch_penalty"]
         dev = torch.device(resolve_device(device))
 
-        with (
-            torch_threads(n_threads),
-            torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []),
-        ):
-            torch.manual_seed(seed)
+        with seeded_torch(seed, dev, n_threads):
             module = self._build_module().to(dev)
             features, table = self._tensors(dev)
             groups = torch.from_numpy(self.sample_codes)
-            lab_e = None if labels_e is None else torch.from_numpy(labels_e)
-            lab_m = None if labels_m is None else torch.from_numpy(labels_m)
+            labels = {
+                "e": None if labels_e is None else torch.from_numpy(labels_e),
+                "m": None if labels_m is None else torch.from_numpy(labels_m),
+                "within": per_sample,
+            }
             draws = torch.Generator().manual_seed(seed + 1)
-            batches = self._batches(n, batch_size, seed)
+            batches = endless_batches(n, batch_size, seed)
             zero = torch.zeros((), device=dev)
 
-            def step(_: int) -> LossParts:
+            def step(i: int) -> LossParts:
+                if i == relabel_step and (use_tri_e or use_tri_m):
+                    self._relabel(module, features, table, labels, k, seed)
                 rows = next(batches)
-                x, mask = self.windows(features, table, torch.from_numpy(rows).to(dev))
-                z, recon = module(torch.cat([x, mask], dim=1))
+                rows_dev = torch.from_numpy(rows).to(dev)
+                x, mask = self.windows(features, table, rows_dev)
+                z, recon = module(torch.cat([x, mask], dim=1), groups[rows].to(dev))
                 rec_e = masked_l1(x[:, :de], recon[:, :de], mask)
                 rec_m = masked_l1(x[:, de:], recon[:, de:], mask)
                 tri_e = tri_m = zero
                 kwargs = {
                     "generator": draws,
                     "groups": groups[rows],
-                    "cross_sample": cross_sample_positives,
+                    "cross_sample": cross_sample_positives and not labels["within"],
+                    "within_sample": labels["within"],
                     "margin": margin,
                 }
-                if lab_e is not None:
-                    tri_e = multi_triplet_loss(z, lab_e[rows], **kwargs)
-                if lab_m is not None:
-                    tri_m = multi_triplet_loss(z, lab_m[rows], **kwargs)
+                if labels["e"] is not None:
+                    tri_e = multi_triplet_loss(z, labels["e"][rows], **kwargs)
+                if labels["m"] is not None:
+                    tri_m = multi_triplet_loss(z, labels["m"][rows], **kwargs)
                 total = alpha * (rec_weight * rec_m + triplet_weight * tri_m) + beta * (
                     rec_weight * rec_e + triplet_weight * tri_e
                 )
-                return LossParts(total, rec_e, tri_e, rec_m, tri_m, zero)
+                parts = LossParts(total, rec_e, tri_e, rec_m, tri_m, zero)
+                if penalty != "none":
+                    if penalty == "mmd":
+                        parts.batch = mmd_between_samples(z, groups[rows])
+                    else:
+                        parts.batch = module.adversary.loss(z, groups[rows])
+                    parts.total = total + batch_weight * parts.batch
+                return parts
 
             self.history = train_loop(
                 module, step, settings, desc=self.name, show_progress=progress
@@ -425,14 +502,46 @@ class GridAE(BaseModel):
         self.module = module
         return self
 
-    @staticmethod
-    def _batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-        """Endless mini-batches: shuffled passes over the spots, incomplete tails dropped."""
-        rng = np.random.default_rng(seed)
-        while True:
-            order = rng.permutation(n)
-            for start in range(0, n - batch_size + 1, batch_size):
-                yield order[start : start + batch_size]
+    def _pseudo_labels(self, X: np.ndarray, k: int, seed: int, per_sample: bool) -> np.ndarray:
+        """K-Means labels of ``X``: over all spots, or within each sample (codes per sample)."""
+        from ..tl._cluster import kmeans_labels
+
+        if not per_sample:
+            return kmeans_labels(X, k, seed=seed)
+        out = np.zeros(self.n_obs, dtype=np.int64)
+        for code in range(self.n_samples):
+            rows = np.flatnonzero(self.sample_codes == code)
+            if rows.size >= 2:
+                out[rows] = kmeans_labels(X[rows], min(k, rows.size), seed=seed)
+        return out
+
+    def _relabel(
+        self,
+        module: GridAEModule,
+        features: torch.Tensor,
+        table: torch.Tensor,
+        labels: dict[str, Any],
+        k: int,
+        seed: int,
+    ) -> None:
+        """Replace the pseudo-labels by K-Means of the current latent over all spots."""
+        from ..tl._cluster import kmeans_labels
+
+        module.eval()
+        with torch.no_grad():
+            z = torch.cat(
+                [
+                    module.encode(torch.cat(self.windows(features, table, rows), dim=1))
+                    for rows in torch.arange(self.n_obs, device=features.device).split(4096)
+                ]
+            )
+        module.train()
+        new = torch.from_numpy(kmeans_labels(z.cpu().numpy(), k, seed=seed))
+        for key in ("e", "m"):
+            if labels[key] is not None:
+                labels[key] = new
+        labels["within"] = False
+        logger.info("%s: pseudo-labels replaced by K-Means of the latent", self.name)
 
     # -- inference -------------------------------------------------------------------------
 
