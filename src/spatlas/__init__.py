@@ -15,7 +15,18 @@ from ._logging import logger, set_verbosity
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("io", "pp", "tl", "pl", "models", "metrics", "tune", "datasets", "pipeline")
+_SUBMODULES = (
+    "io",
+    "pp",
+    "tl",
+    "pl",
+    "models",
+    "metrics",
+    "tune",
+    "datasets",
+    "pipeline",
+    "report",
+)
 
 __all__ = [
     "SpatlasError",

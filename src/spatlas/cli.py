@@ -1,4 +1,4 @@
-"""The ``spatlas`` command line: ``run``, ``demo``, ``validate``.
+"""The ``spatlas`` command line: ``run``, ``demo``, ``report``, ``validate``.
 
 Only argparse and the cheap top-level package are imported here; the heavy work (scanpy,
 optional torch/scvi/ray/timm) loads inside the sub-commands.
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="run the pipeline on the bundled DLPFC demo cohort")
     _add_run_options(p_demo)
 
+    p_report = sub.add_parser("report", help="(re)build report.html of a run folder")
+    p_report.add_argument("run_dir", type=Path, metavar="DIR", help="run folder (from --out)")
+
     p_val = sub.add_parser(
         "validate", help="check a sample sheet and every sample it names; exit code 2 on problems"
     )
@@ -82,6 +85,14 @@ def _cmd_run(args: argparse.Namespace, config_path: Path) -> int:
         f"run folder: {args.out} ({total:.1f} s, "
         f"peak RSS {result.timings['peak_rss_mb'].max():.0f} MB)"
     )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    path = build_report(args.run_dir)
+    print(f"report: {path}")
     return 0
 
 
@@ -117,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             demo = resources.files("spatlas") / "configs" / "demo.yaml"
             with resources.as_file(demo) as path:
                 return _cmd_run(args, path)
+        if args.command == "report":
+            return _cmd_report(args)
         if args.command == "validate":
             return _cmd_validate(args)
     except (SpatlasInputError, MissingDependencyError) as err:

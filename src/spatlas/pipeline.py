@@ -115,7 +115,8 @@ def run(config: Config, *, out: str | Path | None = None, overwrite: bool = Fals
     """Run the pipeline; with ``out``, write the run folder there.
 
     The folder gets ``config.yaml`` (resolved), ``cohort.h5ad``, ``domains.csv``,
-    ``metrics.csv`` (when the cohort has labels), ``timings.csv`` and ``run.log``. It is built in
+    ``metrics.csv`` (when the cohort has labels), ``timings.csv``, ``run.log`` and
+    ``report.html`` (see :func:`spatlas.report.build_report`). It is built in
     a hidden staging folder and renamed into place at the end, so a failed run leaves ``out``
     as it was; a non-empty ``out`` is refused unless ``overwrite``.
     """
@@ -263,9 +264,27 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
                 fitted.save(stage / "model")
         timings = pd.DataFrame(steps)
         timings.to_csv(stage / "timings.csv", index=False)
+        _write_report(stage)
     return RunResult(
         adata=adata, metrics=table, timings=timings, domain_key=domain_key, steps=steps
     )
+
+
+def _write_report(stage: Path) -> None:
+    """``report.html`` from the finished run folder; a failure is a warning, not a failed run."""
+    from . import report
+
+    start = time.perf_counter()
+    try:
+        report.build_report(stage)
+    except Exception as err:  # the results are written; a missing report must not lose them
+        logger.warning(
+            "report.html not written (%s: %s); rebuild it with `spatlas report RUN_FOLDER`",
+            type(err).__name__,
+            err,
+        )
+        return
+    logger.info("report.html written in %.1f s", time.perf_counter() - start)
 
 
 def _uses_model(config: Config) -> bool:
