@@ -268,6 +268,23 @@ def test_pipeline_model_section_end_to_end(tmp_path):
     )
 
 
+@pytest.mark.parametrize(("name", "integration"), [("cross_attention", "harmony"), ("e2e", "none")])
+def test_pipeline_runs_the_other_models_by_name(name, integration):
+    from spatlas._config import config_from_dict
+    from spatlas.pipeline import run
+
+    config = {
+        **PIPELINE,
+        "integration": {"method": integration},
+        "model": {"name": name, "window": 3, "steps": 40, "params": {"batch_size": 128}},
+    }
+    result = run(config_from_dict(config))
+    assert result.domain_key == f"{name}_domain"
+    info = result.adata.uns["spatlas"]["models"][f"X_{name}"]
+    assert info["expression_key"] == ("X_pca" if integration == "none" else "X_pca_harmony")
+    assert result.metrics.set_index("sample").loc["mean", "ari"] > 0.3
+
+
 def test_pipeline_rejects_an_unknown_model_before_running():
     from spatlas._config import config_from_dict
     from spatlas.pipeline import run

@@ -4,6 +4,8 @@ What every registered model must do (seeded, deterministic, save / load, beats i
 tested for all of them in ``test_models.py``; here: what is particular to each.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -172,7 +174,7 @@ def test_cross_attention_bad_settings_are_clear_errors(cohort):
 def test_teacher_momentum_ramps_from_start_to_one():
     values = [teacher_momentum(i, 100) for i in range(101)]
     assert values[0] == pytest.approx(0.96) and values[-1] == pytest.approx(1.0)
-    assert all(b >= a for a, b in zip(values, values[1:], strict=False))
+    assert all(b >= a for a, b in itertools.pairwise(values))
 
 
 def _similarity_agreement(reference, embedding, n=300):

@@ -110,9 +110,11 @@ class MorphologyConfig:
 class ModelConfig:
     """The fusion model on the integrated embeddings; see ``spatlas.models`` (``list_models()``).
 
-    ``name``: ``grid_ae`` or ``none`` (cluster the integration output directly). The model reads
-    the integrated expression embedding and ``obsm[morphology_key]`` when the cohort has it
-    (else expression only: the morphology weight is then 0); it writes ``obsm['X_<name>']``,
+    ``name``: a registered model (``grid_ae``, ``cross_attention``, ``rank_align``, ``e2e``) or
+    ``none`` (cluster the integration output directly). The model reads the integrated
+    expression embedding (``e2e``: set ``integration.method: none`` so that it gets the
+    uncorrected PCs) and ``obsm[morphology_key]`` when the cohort has it (else expression only:
+    the morphology weight is then 0); it writes ``obsm['X_<name>']``,
     and domains come from that embedding (``obs['<name>_domain']``). ``morphology_weight``: α in
     [0, 3] of the paper's loss; ``window``: odd side of the neighbourhood window; ``steps``:
     optimiser steps. ``params`` go to the model as well (e.g. ``scaling``, ``batch_size``,
