@@ -58,12 +58,11 @@ def prepare(dataset: str, seed: int = 0) -> Path:
     if path.exists():
         return path
     import anndata as ad
-    from sklearn.decomposition import PCA
 
     import spatlas
     from baselines import preprocess
     from spatlas import _keys as K
-    from vs_aestetik import _lowres_colour_features
+    from vs_aestetik import dlpfc_morphology
 
     pp_path, _ = preprocess(dataset, seed)
     adata = ad.read_h5ad(pp_path)
@@ -73,16 +72,8 @@ def prepare(dataset: str, seed: int = 0) -> Path:
         "pca_harmony": np.asarray(adata.obsm[harmony], dtype=np.float32),
     }
     if dataset == "dlpfc":
-        colour = _lowres_colour_features(adata)
-        nuclei = np.log1p(adata.obs["nuclei_count"].fillna(0).to_numpy(dtype=np.float64))
-        raw = np.column_stack([colour, nuclei])
-        z = (raw - raw.mean(0)) / raw.std(0)
-        adata.obsm["X_morph_pca"] = PCA(raw.shape[1], random_state=seed).fit_transform(z)
-        morph = spatlas.pp.integrate(
-            adata, basis="X_morph_pca", method="harmony", seed=seed, key_added="X_morph_harmony"
-        )
+        arrays["morph_harmony"] = dlpfc_morphology(adata, seed)
         arrays["morph_pca"] = np.asarray(adata.obsm["X_morph_pca"], dtype=np.float32)
-        arrays["morph_harmony"] = np.asarray(adata.obsm[morph], dtype=np.float32)
         lattice = adata.obs[[K.ARRAY_ROW, K.ARRAY_COL]].to_numpy(dtype=np.int64)
     else:
         lattice = adata.obs[["x", "y"]].to_numpy(dtype=np.int64)
@@ -265,7 +256,10 @@ def summarise(records: list[dict]) -> str:
                 continue
             row = {"method": method, "seeds": len(m)}
             row.update({c: m[c].mean() for c in cols})
-            row["ARI mean"] = f"{m['ARI mean'].mean():.3f} ({m['ARI mean'].std(ddof=1):.3f})"
+            sd = m["ARI mean"].std(ddof=1) if len(m) > 1 else float("nan")
+            row["ARI mean"] = f"{m['ARI mean'].mean():.3f}" + ("" if sd != sd else f" ({sd:.3f})")
+            row["seconds"] = round(float(m["seconds"].mean()))
+            row["peak MB"] = round(float(m["peak MB"].mean()))
             rows.append(row)
         lines += ["", f"## {dataset}", "", markdown_table(pd.DataFrame(rows))]
         base = part[part["method"] == "harmony"]["ARI mean"].mean()

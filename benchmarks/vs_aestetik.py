@@ -121,13 +121,30 @@ def _lowres_colour_features(adata) -> np.ndarray:
     return feats
 
 
+def dlpfc_morphology(adata, seed: int) -> np.ndarray:
+    """DLPFC morphology embedding: lowres colour statistics + log nuclei count, z-scored, PCA
+    (-> ``obsm['X_morph_pca']``), Harmony on sample (-> ``obsm['X_morph_harmony']``, returned)."""
+    from sklearn.decomposition import PCA
+
+    import spatlas
+
+    colour = _lowres_colour_features(adata)
+    nuclei = np.log1p(adata.obs["nuclei_count"].fillna(0).to_numpy(dtype=np.float64))
+    raw = np.column_stack([colour, nuclei])
+    z = (raw - raw.mean(0)) / raw.std(0)
+    adata.obsm["X_morph_pca"] = PCA(n_components=raw.shape[1], random_state=seed).fit_transform(z)
+    key = spatlas.pp.integrate(
+        adata, basis="X_morph_pca", method="harmony", seed=seed, key_added="X_morph_harmony"
+    )
+    return np.asarray(adata.obsm[key], dtype=np.float32)
+
+
 def prepare_inputs(dataset: str, seed: int = 0) -> Path:
     """The arrays both tools read (cached): expression / morphology embeddings, coordinates."""
     path = CACHE / f"vs_aestetik_{dataset}_inputs.npz"
     if path.exists():
         return path
     import anndata as ad
-    from sklearn.decomposition import PCA
 
     import spatlas
     from spatlas import _keys as K
@@ -140,16 +157,7 @@ def prepare_inputs(dataset: str, seed: int = 0) -> Path:
     expr_key = spatlas.pp.integrate(adata, basis=K.PCA, method="harmony", seed=seed)
     expr = np.asarray(adata.obsm[expr_key], dtype=np.float32)
     if dataset == "dlpfc":
-        colour = _lowres_colour_features(adata)
-        nuclei = np.log1p(adata.obs["nuclei_count"].fillna(0).to_numpy(dtype=np.float64))
-        raw = np.column_stack([colour, nuclei])
-        z = (raw - raw.mean(0)) / raw.std(0)
-        pcs = PCA(n_components=raw.shape[1], random_state=seed).fit_transform(z)
-        adata.obsm["X_morph_pca"] = pcs
-        morph_key = spatlas.pp.integrate(
-            adata, basis="X_morph_pca", method="harmony", seed=seed, key_added="X_morph_harmony"
-        )
-        morph = np.asarray(adata.obsm[morph_key], dtype=np.float32)
+        morph = dlpfc_morphology(adata, seed)
         lattice = adata.obs[[K.ARRAY_ROW, K.ARRAY_COL]].to_numpy(dtype=np.int64)
     else:
         morph = np.zeros((adata.n_obs, 1), dtype=np.float32)

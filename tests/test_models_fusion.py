@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import spatlas
+from conftest import N_DOMAINS
 from spatlas import models
 from spatlas._errors import SpatlasInputError
 from spatlas.metrics import ari, ilisi
@@ -25,24 +25,10 @@ from spatlas.models._spot import spatial_knn_table
 from spatlas.models.rank_align import teacher_momentum
 from spatlas.tl import kmeans_labels
 
-N_DOMAINS = 4
-
 
 @pytest.fixture(scope="module")
-def cohort():
-    adata = spatlas.datasets.synthetic_cohort(
-        n_donors=2,
-        n_samples_per_donor=1,
-        n_spots=500,
-        n_genes=200,
-        n_domains=N_DOMAINS,
-        image=False,
-        seed=0,
-    )
-    spatlas.pp.preprocess_expression(adata, n_top_genes=150, n_comps=10, seed=0)
-    spatlas.pp.integrate(adata, method="harmony", seed=0)
-    adata.obsm["X_morph"] = adata.obsm["X_morph_truth"]
-    return adata
+def cohort(model_cohort):
+    return model_cohort
 
 
 def per_sample_ari(adata, embedding):

@@ -33,6 +33,15 @@ def _keyword_defaults(fn) -> dict[str, Any]:
     }
 
 
+def check_architecture(*, dropout: float, **positive_ints: Any) -> None:
+    """Clear errors for architecture settings: positive integers and a dropout in [0, 1)."""
+    for name, value in positive_ints.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpatlasInputError(f"{name} must be a positive integer, got {value!r}")
+    if not 0 <= dropout < 1:
+        raise SpatlasInputError(f"dropout must be in [0, 1), got {dropout}")
+
+
 def obs_digest(adata: AnnData) -> str:
     """Short hash of the spot names (a saved model checks it is loaded on the same spots)."""
     h = hashlib.sha256("\n".join(map(str, adata.obs_names)).encode())

@@ -33,6 +33,16 @@ class TrainSettings:
     schedule: str = "cosine"
     log_every: int = 10
 
+    def as_params(self, batch_size: int) -> dict[str, float | int | str]:
+        """The settings (and the batch size) as recorded in a model's ``train_params``."""
+        return {
+            "steps": int(self.steps),
+            "batch_size": int(batch_size),
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "schedule": self.schedule,
+        }
+
 
 def _lr_factor(step: int, settings: TrainSettings) -> float:
     if settings.schedule == "constant":

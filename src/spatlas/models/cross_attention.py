@@ -36,6 +36,7 @@ from torch import nn
 from .. import _keys as K
 from .._errors import SpatlasInputError
 from . import register_model
+from ._base import check_architecture
 from ._losses import LossParts, SampleAdversary, info_nce, mmd_between_samples, multi_triplet_loss
 from ._spot import SpotModel, mlp
 from ._trainer import TrainSettings
@@ -167,13 +168,9 @@ class CrossAttention(SpotModel):
             raise SpatlasInputError(
                 f"unknown batch_penalty {batch_penalty!r} (known: {', '.join(BATCH_PENALTIES)})"
             )
-        for name, value in (("latent_dim", latent_dim), ("hidden", hidden), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SpatlasInputError(f"{name} must be a positive integer, got {value!r}")
+        check_architecture(latent_dim=latent_dim, hidden=hidden, heads=heads, dropout=dropout)
         if hidden % heads:
             raise SpatlasInputError(f"heads ({heads}) must divide hidden ({hidden})")
-        if not 0 <= dropout < 1:
-            raise SpatlasInputError(f"dropout must be in [0, 1), got {dropout}")
         self.init_params.update(
             latent_dim=latent_dim,
             hidden=hidden,
@@ -244,11 +241,7 @@ class CrossAttention(SpotModel):
         )
         batch_size = int(min(batch_size, self.n_obs))
         self.train_params = {
-            "steps": int(steps),
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "schedule": schedule,
+            **settings.as_params(batch_size),
             "rec_weight": rec_weight,
             "link_weight": link_weight,
             "contrastive_weight": contrastive_weight,

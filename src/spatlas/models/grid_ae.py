@@ -43,7 +43,7 @@ from .._logging import logger
 from .._settings import resolve_device, torch_threads
 from ..pp._neighbourhoods import Layout, _coordinates, neighbourhood_table
 from . import register_model
-from ._base import BaseModel
+from ._base import BaseModel, check_architecture
 from ._losses import (
     LossParts,
     SampleAdversary,
@@ -203,11 +203,7 @@ class GridAE(BaseModel):
         )
         if scaling not in SCALINGS:
             raise SpatlasInputError(f"unknown scaling {scaling!r} (known: {', '.join(SCALINGS)})")
-        for name, value in (("latent_dim", latent_dim), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SpatlasInputError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= dropout < 1:
-            raise SpatlasInputError(f"dropout must be in [0, 1), got {dropout}")
+        check_architecture(latent_dim=latent_dim, hidden=hidden, dropout=dropout)
         if batch_penalty not in BATCH_PENALTIES:
             raise SpatlasInputError(
                 f"unknown batch_penalty {batch_penalty!r} (known: {', '.join(BATCH_PENALTIES)})"
@@ -419,11 +415,7 @@ class GridAE(BaseModel):
             steps=int(steps), lr=lr, weight_decay=weight_decay, schedule=schedule
         )
         self.train_params = {
-            "steps": int(steps),
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "schedule": schedule,
+            **settings.as_params(batch_size),
             "morphology_weight": alpha,
             "total_weight": total_weight,
             "rec_weight": rec_weight,

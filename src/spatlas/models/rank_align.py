@@ -32,6 +32,7 @@ from torch import nn
 from .. import _keys as K
 from .._errors import SpatlasInputError
 from . import register_model
+from ._base import check_architecture
 from ._losses import LossParts, info_nce, ranking_hinge
 from ._spot import SpotModel, mlp
 from ._trainer import TrainSettings
@@ -114,11 +115,7 @@ class RankAlign(SpotModel):
             n_neighbors=n_neighbors,
             coords=coords,
         )
-        for name, value in (("latent_dim", latent_dim), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SpatlasInputError(f"{name} must be a positive integer, got {value!r}")
-        if not 0 <= dropout < 1:
-            raise SpatlasInputError(f"dropout must be in [0, 1), got {dropout}")
+        check_architecture(latent_dim=latent_dim, hidden=hidden, dropout=dropout)
         self.init_params.update(latent_dim=latent_dim, hidden=hidden, dropout=dropout)
 
     def _build_module(self) -> RankAlignModule:
@@ -180,11 +177,7 @@ class RankAlign(SpotModel):
         )
         batch_size = int(min(batch_size, self.n_obs))
         self.train_params = {
-            "steps": int(steps),
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "schedule": schedule,
+            **settings.as_params(batch_size),
             "contrastive_weight": contrastive_weight,
             "rank_weight": rank_weight,
             "temperature": temperature,
