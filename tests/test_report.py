@@ -105,12 +105,12 @@ def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path, capsys):
 def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, caplog):
     import spatlas.report
 
-    def broken(run_dir):
+    def broken(run_dir, **_):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(spatlas.report, "build_report", broken)
     with caplog.at_level(logging.WARNING, logger="spatlas"):
-        _write_report(tmp_path)
+        _write_report(tmp_path, None)
     assert "report.html not written (RuntimeError: disk full)" in caplog.text
 
 

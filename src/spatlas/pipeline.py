@@ -264,19 +264,19 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
                 fitted.save(stage / "model")
         timings = pd.DataFrame(steps)
         timings.to_csv(stage / "timings.csv", index=False)
-        _write_report(stage)
+        _write_report(stage, adata)
     return RunResult(
         adata=adata, metrics=table, timings=timings, domain_key=domain_key, steps=steps
     )
 
 
-def _write_report(stage: Path) -> None:
+def _write_report(stage: Path, adata: ad.AnnData) -> None:
     """``report.html`` from the finished run folder; a failure is a warning, not a failed run."""
     from . import report
 
     start = time.perf_counter()
     try:
-        report.build_report(stage)
+        report.build_report(stage, adata=adata)
     except Exception as err:  # the results are written; a missing report must not lose them
         logger.warning(
             "report.html not written (%s: %s); rebuild it with `spatlas report RUN_FOLDER`",

@@ -7,9 +7,12 @@ gradient reversal), InfoNCE and the signed ranking-consistency hinge.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from .._errors import SpatlasInputError
 
 
 @dataclass
@@ -252,6 +255,29 @@ class SampleAdversary(torch.nn.Module):
     def loss(self, z: torch.Tensor, groups: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
         """Cross-entropy of the sample predicted from ``grad_reverse(z)``."""
         return F.cross_entropy(self.net(grad_reverse(z, strength)), groups.to(z.device))
+
+
+BatchPenalty = Literal["none", "mmd", "adversarial"]
+BATCH_PENALTIES = ("none", "mmd", "adversarial")
+
+
+def check_batch_penalty(kind: str) -> None:
+    """Clear error for an unknown ``batch_penalty``."""
+    if kind not in BATCH_PENALTIES:
+        raise SpatlasInputError(
+            f"unknown batch_penalty {kind!r} (known: {', '.join(BATCH_PENALTIES)})"
+        )
+
+
+def sample_penalty(
+    kind: str, z: torch.Tensor, groups: torch.Tensor, adversary: SampleAdversary | None
+) -> torch.Tensor:
+    """The sample-alignment part of a model's loss: ``none`` (0), ``mmd`` or ``adversarial``."""
+    if kind == "mmd":
+        return mmd_between_samples(z, groups)
+    if kind == "adversarial":
+        return adversary.loss(z, groups)
+    return z.new_zeros(())
 
 
 # -- cross-modal alignment ---------------------------------------------------------------------

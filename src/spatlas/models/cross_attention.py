@@ -25,7 +25,6 @@ Losses (:class:`~spatlas.models._losses.LossParts`):
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Literal
 
 import numpy as np
 import torch
@@ -37,12 +36,17 @@ from .. import _keys as K
 from .._errors import SpatlasInputError
 from . import register_model
 from ._base import check_architecture
-from ._losses import LossParts, SampleAdversary, info_nce, mmd_between_samples, multi_triplet_loss
+from ._losses import (
+    BatchPenalty,
+    LossParts,
+    SampleAdversary,
+    check_batch_penalty,
+    info_nce,
+    multi_triplet_loss,
+    sample_penalty,
+)
 from ._spot import SpotModel, mlp
 from ._trainer import TrainSettings
-
-BatchPenalty = Literal["mmd", "adversarial", "none"]
-BATCH_PENALTIES = ("mmd", "adversarial", "none")
 
 
 class CrossAttentionModule(nn.Module):
@@ -164,10 +168,7 @@ class CrossAttention(SpotModel):
             n_neighbors=n_neighbors,
             coords=coords,
         )
-        if batch_penalty not in BATCH_PENALTIES:
-            raise SpatlasInputError(
-                f"unknown batch_penalty {batch_penalty!r} (known: {', '.join(BATCH_PENALTIES)})"
-            )
+        check_batch_penalty(batch_penalty)
         check_architecture(latent_dim=latent_dim, hidden=hidden, heads=heads, dropout=dropout)
         if hidden % heads:
             raise SpatlasInputError(f"heads ({heads}) must divide hidden ({hidden})")
@@ -297,13 +298,7 @@ class CrossAttention(SpotModel):
                     if has_image
                     else zero
                 )
-                groups = data["sample"][rows]
-                if penalty == "mmd":
-                    batch = mmd_between_samples(z, groups)
-                elif penalty == "adversarial":
-                    batch = module.adversary.loss(z, groups)
-                else:
-                    batch = zero
+                batch = sample_penalty(penalty, z, data["sample"][rows], module.adversary)
                 triplet = (
                     multi_triplet_loss(z, labels[rows_np], generator=draws)
                     if labels is not None

@@ -45,19 +45,19 @@ from ..pp._neighbourhoods import Layout, _coordinates, neighbourhood_table
 from . import register_model
 from ._base import BaseModel, check_architecture
 from ._losses import (
+    BatchPenalty,
     LossParts,
     SampleAdversary,
+    check_batch_penalty,
     masked_l1,
-    mmd_between_samples,
     multi_triplet_loss,
+    sample_penalty,
 )
 from ._spot import endless_batches, seeded_torch
 from ._trainer import TrainSettings, train_loop
 
 Scaling = Literal["standard", "minmax", "global"]
 SCALINGS = ("standard", "minmax", "global")
-BatchPenalty = Literal["none", "mmd", "adversarial"]
-BATCH_PENALTIES = ("none", "mmd", "adversarial")
 PseudoLabels = Literal["global", "per_sample"]
 PSEUDO_LABELS = ("global", "per_sample")
 
@@ -204,10 +204,7 @@ class GridAE(BaseModel):
         if scaling not in SCALINGS:
             raise SpatlasInputError(f"unknown scaling {scaling!r} (known: {', '.join(SCALINGS)})")
         check_architecture(latent_dim=latent_dim, hidden=hidden, dropout=dropout)
-        if batch_penalty not in BATCH_PENALTIES:
-            raise SpatlasInputError(
-                f"unknown batch_penalty {batch_penalty!r} (known: {', '.join(BATCH_PENALTIES)})"
-            )
+        check_batch_penalty(batch_penalty)
         self.init_params = {
             "window": window,
             "layout": layout,
@@ -480,10 +477,7 @@ class GridAE(BaseModel):
                 )
                 parts = LossParts(total, rec_e, tri_e, rec_m, tri_m, zero)
                 if penalty != "none":
-                    if penalty == "mmd":
-                        parts.batch = mmd_between_samples(z, groups[rows])
-                    else:
-                        parts.batch = module.adversary.loss(z, groups[rows])
+                    parts.batch = sample_penalty(penalty, z, groups[rows], module.adversary)
                     parts.total = total + batch_weight * parts.batch
                 return parts
 

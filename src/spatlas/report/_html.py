@@ -64,7 +64,7 @@ pre { background: #f6f6f6; border: 1px solid #e2e2e2; padding: 0.8em; overflow-x
 """
 
 
-def build_report(run_dir: str | Path) -> Path:
+def build_report(run_dir: str | Path, *, adata: Any = None) -> Path:
     """Write ``run_dir/report.html``: a self-contained HTML report of a run.
 
     Reads ``config.yaml``, ``cohort.h5ad``, ``domains.csv``, ``timings.csv`` and, when present,
@@ -76,6 +76,9 @@ def build_report(run_dir: str | Path) -> Path:
     ----------
     run_dir
         A run folder, as ``spatlas run`` / :func:`spatlas.pipeline.run` write it.
+    adata
+        The run's cohort when it is in memory (the pipeline passes it, saving a second read
+        of ``cohort.h5ad``); default: read from ``run_dir``.
 
     Returns
     -------
@@ -106,7 +109,8 @@ def build_report(run_dir: str | Path) -> Path:
         raise SpatlasInputError(f"{run_dir / 'config.yaml'}: not valid YAML ({err})") from None
     if not isinstance(config, dict):
         raise SpatlasInputError(f"{run_dir / 'config.yaml'}: expected a mapping of sections")
-    adata = ad.read_h5ad(run_dir / "cohort.h5ad")
+    if adata is None:
+        adata = ad.read_h5ad(run_dir / "cohort.h5ad")
     domain_columns = pd.read_csv(run_dir / "domains.csv", nrows=0).columns
     key = _domain_key(adata.obs.columns, domain_columns, run_dir)
     basis = _embedding_basis(adata, config)
