@@ -146,8 +146,46 @@ class ClusteringConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Donor-grouped nested cross-validation and grid search (``spatlas tune`` / ``benchmark``).
+
+    ``task``: ``multi_donor`` (tune on the other groups, test on the held-out ones jointly) or
+    ``single_donor`` (tune on one group, test on each other group separately); ``group_key``:
+    obs column of the group (``donor``; or e.g. a replicate pair); ``n_folds``: multi_donor
+    folds (default: leave one group out). ``grids``: per component (an integration method, a
+    model, ``clustering``) a mapping parameter -> values, replacing that component's Table-1
+    grid (``{}`` for a component: not searched); ``fixed``: per component, settings held fixed
+    (e.g. ``scvi: {max_epochs: 10}``). ``lam``: λ of the composite score the search maximises.
+    ``backend``: ``local`` (process pool of ``n_workers``, default the machine's cores) or
+    ``ray`` (``address`` of a cluster, or a local Ray); ``threads``: per task.
+    """
+
+    task: str = "multi_donor"
+    group_key: str = "donor"
+    n_folds: int | None = None
+    grids: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    lam: float = 0.6
+    backend: str = "local"
+    n_workers: int | None = None
+    threads: int = 1
+    address: str | None = None
+
+
+@dataclass
+class BenchmarkConfig:
+    """The paper's Figure-2 comparison: each integration method alone and followed by ``model``.
+
+    Every pipeline is tuned by the nested cross-validation of the ``tune`` section.
+    """
+
+    methods: list[str] = field(default_factory=lambda: ["harmony", "scanorama", "scvi"])
+    model: str = "grid_ae"
+
+
+@dataclass
 class Config:
-    """A whole run."""
+    """A whole run (``tune`` and ``benchmark`` are read by ``spatlas tune`` / ``benchmark``)."""
 
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -156,6 +194,8 @@ class Config:
     morphology: MorphologyConfig = field(default_factory=MorphologyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
 
 
 PATH_FIELDS = {

@@ -30,10 +30,14 @@ class _StderrHandler(logging.StreamHandler):
 def set_verbosity(level: int | str = "INFO") -> None:
     """Log spatlas messages at ``level`` and above to stderr."""
     logger.setLevel(level)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    handlers = [h for h in logger.handlers if isinstance(h, _StderrHandler)]
+    if not handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         logger.addHandler(handler)
+        handlers = [handler]
+    for handler in handlers:  # a run log (add_file_handler) may lower the logger's level
+        handler.setLevel(level)
 
 
 def add_file_handler(path: str | Path) -> logging.Handler:

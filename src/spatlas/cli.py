@@ -1,4 +1,4 @@
-"""The ``spatlas`` command line: ``run``, ``demo``, ``report``, ``validate``.
+"""The ``spatlas`` command line: run, demo, tune, benchmark, report, validate.
 
 Only argparse and the cheap top-level package are imported here; the heavy work (scanpy,
 optional torch/scvi/ray/timm) loads inside the sub-commands.
@@ -54,6 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo = sub.add_parser("demo", help="run the pipeline on the bundled DLPFC demo cohort")
     _add_run_options(p_demo)
 
+    for name, text in (
+        ("tune", "tune a config's pipeline by donor-grouped nested cross-validation"),
+        ("benchmark", "each benchmark.methods alone vs + the model, tuned by nested CV"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config", type=Path, help="YAML config with a tune section")
+        p.add_argument(
+            "--out",
+            required=True,
+            type=Path,
+            help="search folder; rerun with the same config and folder to resume",
+        )
+        p.add_argument("--backend", choices=["local", "ray"], help="overrides tune.backend")
+        p.add_argument(
+            "--address", help="ray: address of an existing cluster (ray://... or host:port)"
+        )
+        p.add_argument("--workers", type=int, help="local: worker processes (default: the cores)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set tune.task=single_donor (repeatable)",
+        )
+
     p_report = sub.add_parser("report", help="(re)build report.html of a run folder")
     p_report.add_argument("run_dir", type=Path, metavar="DIR", help="run folder (from --out)")
 
@@ -85,6 +111,26 @@ def _cmd_run(args: argparse.Namespace, config_path: Path) -> int:
         f"run folder: {args.out} ({total:.1f} s, "
         f"peak RSS {result.timings['peak_rss_mb'].max():.0f} MB)"
     )
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from ._config import load_config
+    from .tune import benchmark, gains, tune
+
+    config = load_config(args.config, args.overrides)
+    fn = tune if args.command == "tune" else benchmark
+    result = fn(
+        config, out=args.out, backend=args.backend, n_workers=args.workers, address=args.address
+    )
+    fmt = lambda v: f"{v:.3f}"  # noqa: E731
+    print("test ARI per held-out group (winner of each fold's search):")
+    print(result.summary.to_string(float_format=fmt))
+    g = gains(result.summary)
+    if not g.empty:
+        print("relative gain of + model (n/a: baseline ARI below 0.05):")
+        print((g * 100).to_string(float_format=lambda v: f"{v:+.0f}%", na_rep="n/a"))
+    print(f"search folder: {args.out} ({result.seconds:.0f} s)")
     return 0
 
 
@@ -128,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             demo = resources.files("spatlas") / "configs" / "demo.yaml"
             with resources.as_file(demo) as path:
                 return _cmd_run(args, path)
+        if args.command in ("tune", "benchmark"):
+            return _cmd_search(args)
         if args.command == "report":
             return _cmd_report(args)
         if args.command == "validate":

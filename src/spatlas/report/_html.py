@@ -67,6 +67,9 @@ pre { background: #f6f6f6; border: 1px solid #e2e2e2; padding: 0.8em; overflow-x
 def build_report(run_dir: str | Path, *, adata: Any = None) -> Path:
     """Write ``run_dir/report.html``: a self-contained HTML report of a run.
 
+    A search folder (``spatlas tune`` / ``spatlas benchmark``) gets the search report instead
+    (see :func:`spatlas.report.build_search_report`).
+
     Reads ``config.yaml``, ``cohort.h5ad``, ``domains.csv``, ``timings.csv`` and, when present,
     ``metrics.csv`` and ``model/model.json``. The domains are the cohort's ``*_domain`` column
     (the one ``domains.csv`` holds); the embedding is the model's latent
@@ -95,6 +98,10 @@ def build_report(run_dir: str | Path, *, adata: Any = None) -> Path:
     import yaml
 
     run_dir = Path(run_dir)
+    if (run_dir / "search.json").is_file():
+        from ._search import build_search_report
+
+        return build_search_report(run_dir)
     if not run_dir.is_dir():
         raise SpatlasInputError(f"{run_dir}: no such folder; give a run folder (spatlas run --out)")
     missing = [name for name in REQUIRED if not (run_dir / name).is_file()]
@@ -394,20 +401,26 @@ def _figure(fig: Any, *, alt: str, caption: str) -> str:
     )
 
 
-def _page(run_name: str, sections: Mapping[str, str]) -> str:
+def _page(
+    run_name: str,
+    sections: Mapping[str, str],
+    *,
+    titles: Mapping[str, str] = SECTIONS,
+    what: str = "run",
+) -> str:
     from .. import __version__
 
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    nav = " ".join(f"<a href='#{sid}'>{title}</a>" for sid, title in SECTIONS.items())
+    nav = " ".join(f"<a href='#{sid}'>{title}</a>" for sid, title in titles.items())
     body = "\n".join(
         f"<section>\n<h2 id='{sid}'>{title}</h2>\n{sections[sid]}\n</section>"
-        for sid, title in SECTIONS.items()
+        for sid, title in titles.items()
     )
     name = html.escape(run_name)
     return (
         "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
-        f"<title>spatlas run {name}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-        f"<h1>spatlas run <code>{name}</code></h1>\n"
+        f"<title>spatlas {what} {name}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>spatlas {what} <code>{name}</code></h1>\n"
         f"<p class='muted'>Report written {when} by spatlas {__version__}.</p>\n"
         f"<nav>{nav}</nav>\n{body}\n</body>\n</html>\n"
     )

@@ -1,0 +1,655 @@
+"""Nested cross-validation grid search: tune on one side of a fold, score the winner on the other.
+
+Layout of a search folder (``spatlas tune`` / ``spatlas benchmark`` ``--out DIR``)::
+
+    search.json        what was searched (config, pipelines, folds); a rerun must match it
+    config.yaml        the resolved config
+    splits.csv         fold, role (tune / test), groups, samples
+    trials.csv         every trial: pipeline, fold, parameters, tuning-side scores
+    chosen.csv         the winning parameters per pipeline and fold
+    test_scores.csv    the winner's scores per pipeline, fold and test group
+    summary.csv        test ARI per group (mean over the folds testing it) and pipeline
+    tasks.jsonl        every finished task with its seconds
+    cache/             prepared sides and the embeddings of finished steps (resume from here)
+    report.html        tables, bar plot, config (``spatlas report DIR`` rebuilds it)
+
+Each step writes its own file through a temporary name, so an interrupted search keeps every
+finished step and a rerun with the same config and ``--out`` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import _keys as K
+from .._config import Config, config_to_dict
+from .._errors import ConfigError, SpatlasInputError
+from .._logging import add_file_handler, logger
+from .._progress import progress
+from ._backends import BACKENDS, make_backend
+from ._grid import (
+    Pipeline,
+    apply_point,
+    grid_points,
+    pipeline_config,
+    pipeline_grid,
+    point_label,
+    stable_hash,
+    validate,
+)
+from ._splits import Fold, check_folds, donor_splits, sample_groups, side_samples
+from ._tasks import save_json
+
+SPEC_FILE = "search.json"
+LEVELS = ("integrate", "model", "score")
+TABLE_METRICS = ("composite", "ari", "nmi", "asw_label", "ilisi", "kbet", "ari_donor")
+
+
+@dataclass
+class SearchResult:
+    """What a search produced (the same tables are written to its folder)."""
+
+    out: Path
+    trials: pd.DataFrame
+    chosen: pd.DataFrame
+    test: pd.DataFrame
+    summary: pd.DataFrame
+    seconds: float
+
+
+@dataclass
+class _Trial:
+    pipeline: str
+    fold: int
+    role: str  # tune | test
+    side: str
+    point: dict
+    score_key: str
+
+
+def tune(
+    config: Config,
+    *,
+    out: str | Path,
+    backend: str | None = None,
+    n_workers: int | None = None,
+    address: str | None = None,
+) -> SearchResult:
+    """Tune the pipeline of ``config`` (its integration method and model) by nested CV.
+
+    Parameters
+    ----------
+    config
+        A run config with a ``tune`` section (task, group key, grids, backend).
+    out
+        Search folder; a rerun with the same config continues an interrupted search.
+    backend, n_workers, address
+        Override ``tune.backend``, ``tune.n_workers``, ``tune.address``.
+
+    Returns
+    -------
+    SearchResult
+    """
+    integ, model = config.integration.method, config.model.name or "none"
+    name = integ if model == "none" else f"{integ}+{model}"
+    return search(
+        config,
+        [Pipeline(name, integ, model)],
+        out=out,
+        kind="tune",
+        backend=backend,
+        n_workers=n_workers,
+        address=address,
+    )
+
+
+def benchmark(
+    config: Config,
+    *,
+    out: str | Path,
+    backend: str | None = None,
+    n_workers: int | None = None,
+    address: str | None = None,
+) -> SearchResult:
+    """The paper's Figure-2 comparison: each of ``benchmark.methods`` alone and + the model.
+
+    Every pipeline is tuned by the same nested cross-validation; steps shared between pipelines
+    (the integration of a side with the same parameters) run once.
+    """
+    bench = config.benchmark
+    if not bench.methods:
+        raise ConfigError("benchmark.methods: name at least one integration method")
+    pipelines = []
+    for method in bench.methods:
+        pipelines.append(Pipeline(method, method))
+        if bench.model not in ("", "none"):
+            pipelines.append(Pipeline(f"{method}+{bench.model}", method, bench.model))
+    return search(
+        config,
+        pipelines,
+        out=out,
+        kind="benchmark",
+        backend=backend,
+        n_workers=n_workers,
+        address=address,
+    )
+
+
+def search(
+    config: Config,
+    pipelines: Sequence[Pipeline],
+    *,
+    out: str | Path,
+    kind: str = "tune",
+    backend: str | None = None,
+    n_workers: int | None = None,
+    address: str | None = None,
+) -> SearchResult:
+    """Nested-CV grid search of ``pipelines`` on the cohort of ``config``; see the module doc."""
+    start = time.perf_counter()
+    t = config.tune
+    backend = backend or t.backend
+    n_workers = n_workers or t.n_workers
+    address = address or t.address
+    if backend not in BACKENDS:
+        raise ConfigError(
+            f"tune.backend: unknown backend '{backend}' (known: {', '.join(BACKENDS)})"
+        )
+    base = config_to_dict(config)
+    morphology = bool(config.morphology.enabled)
+    plans = {}
+    for p in pipelines:
+        pbase = pipeline_config(base, p, t.fixed)
+        grid = pipeline_grid(p, t.grids, morphology=morphology)
+        points = grid_points(grid)
+        for point in points[:1]:
+            validate(apply_point(pbase, point))  # a bad key fails now, not in a worker
+        _check_model(p)
+        plans[p.name] = (pbase, points)
+
+    out = Path(out)
+    from .. import pipeline as run_pipeline
+
+    adata = run_pipeline.load_cohort(config)
+    if t.group_key not in adata.obs:
+        raise SpatlasInputError(
+            f"tune.group_key '{t.group_key}' is not an obs column "
+            f"(columns: {', '.join(adata.obs.columns)})"
+        )
+    if K.LABEL not in adata.obs or adata.obs[K.LABEL].isna().all():
+        raise SpatlasInputError(
+            "the search scores trials by the composite score, which needs labels: give the "
+            "cohort a label column (data.label_column or the sample sheet's annotations)"
+        )
+    folds = donor_splits(adata.obs, task=t.task, group_key=t.group_key, n_folds=t.n_folds)
+    check_folds(adata.obs, folds, group_key=t.group_key)
+    groups = sample_groups(adata.obs, group_key=t.group_key)
+    k = run_pipeline._n_clusters(config, adata)
+    if not isinstance(k, int):
+        raise ConfigError("the search needs a fixed number of domains: set clustering.n_clusters")
+    spec = {
+        "kind": kind,
+        "config": base,
+        "pipelines": [p.__dict__ for p in pipelines],
+        "folds": [{"tune": f.tune_groups, "test": [list(s) for s in f.test_sides]} for f in folds],
+        "n_clusters": k,
+    }
+    resumed = _open_folder(out, spec)
+    handler = add_file_handler(out / "search.log")
+    try:
+        logger.info(
+            "%s: %d pipeline(s), %d fold(s) (%s by '%s'), %d domains, backend %s%s",
+            kind,
+            len(pipelines),
+            len(folds),
+            t.task,
+            t.group_key,
+            k,
+            backend,
+            " (resuming)" if resumed else "",
+        )
+        _write_splits(out, folds, groups)
+        sides = _prepare_sides(config, adata, folds, groups, out)
+        del adata
+        runner = make_backend(backend, n_workers=n_workers, address=address, threads=t.threads)
+        try:
+            ctx = _Context(out, sides, k, t.lam, t.threads, config.data.exclude_labels)
+            tune_trials, tasks = [], {}
+            for p in pipelines:
+                pbase, points = plans[p.name]
+                for fold in folds:
+                    side = _side_id(fold.tune_groups)
+                    for point in points:
+                        cfg = apply_point(pbase, point)
+                        tune_trials.append(
+                            ctx.chain(p.name, fold.index, "tune", side, point, cfg, tasks)
+                        )
+            n_points = {name: len(points) for name, (_, points) in plans.items()}
+            logger.info(
+                "%s: grid points per fold: %s; %d distinct steps",
+                kind,
+                ", ".join(f"{name} {n}" for name, n in n_points.items()),
+                len(tasks),
+            )
+            _execute(runner, tasks, out, desc="tuning")
+            trials = _trial_table(tune_trials, ctx)
+            chosen = _choose(trials, plans, folds)
+            test_trials, tasks = [], {}
+            for row in chosen.itertuples():
+                pbase, points = plans[row.pipeline]
+                point = points[row.point_index]
+                cfg = apply_point(pbase, point)
+                for side_groups in folds[row.fold].test_sides:
+                    test_trials.append(
+                        ctx.chain(
+                            row.pipeline, row.fold, "test", _side_id(side_groups), point, cfg, tasks
+                        )
+                    )
+            _execute(runner, tasks, out, desc="testing")
+        finally:
+            runner.close()
+        test = _test_table(test_trials, ctx, groups)
+        summary = summarize(test)
+        seconds = time.perf_counter() - start
+        _write_tables(out, trials, chosen, test, summary, config)
+        _write_report(out)
+        logger.info("%s written to %s in %.0f s", kind, out, seconds)
+        if len(summary):
+            logger.info("test ARI per group:\n%s", summary.to_string(float_format="%.3f"))
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    return SearchResult(out, trials, chosen, test, summary, seconds)
+
+
+def _check_model(p: Pipeline) -> None:
+    if p.model != "none":
+        from .. import models
+
+        models.get_model(p.model)
+
+
+# -- the folder --------------------------------------------------------------------------------
+
+
+def _open_folder(out: Path, spec: dict) -> bool:
+    """Create ``out`` or accept it for resuming; True when resuming."""
+    spec_path = out / SPEC_FILE
+    text = json.dumps(spec, sort_keys=True, default=str)
+    if out.exists() and not out.is_dir():
+        raise SpatlasInputError(f"--out {out}: a file of that name exists; choose a folder name")
+    if out.is_dir() and any(out.iterdir()):
+        if not spec_path.exists():
+            raise SpatlasInputError(
+                f"--out {out}: folder exists, is not empty and is not a spatlas search folder; "
+                f"choose a new folder (nothing in it was changed)"
+            )
+        old = json.dumps(json.loads(spec_path.read_text()), sort_keys=True, default=str)
+        if old != text:
+            raise SpatlasInputError(
+                f"--out {out}: holds a search with a different config, pipelines or folds; "
+                f"choose a new folder to start this one (the old search was not changed)"
+            )
+        logger.info("resuming the search in %s", out)
+        return True
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    save_json(spec_path, json.loads(text))
+    return False
+
+
+def _side_id(groups: Iterable[str]) -> str:
+    return "side-" + "+".join(sorted(groups))
+
+
+def _write_splits(out: Path, folds: Sequence[Fold], groups: dict[str, list[str]]) -> None:
+    rows = []
+    for fold in folds:
+        rows.append(
+            {
+                "fold": fold.index,
+                "role": "tune",
+                "groups": " ".join(fold.tune_groups),
+                "samples": " ".join(side_samples(groups, fold.tune_groups)),
+            }
+        )
+        for side in fold.test_sides:
+            rows.append(
+                {
+                    "fold": fold.index,
+                    "role": "test",
+                    "groups": " ".join(side),
+                    "samples": " ".join(side_samples(groups, side)),
+                }
+            )
+    _write_csv(pd.DataFrame(rows), out / "splits.csv")
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False, float_format="%.4f")
+    tmp.replace(path)
+
+
+# -- sides -------------------------------------------------------------------------------------
+
+
+def _prepare_sides(
+    config: Config, adata, folds: Sequence[Fold], groups: dict[str, list[str]], out: Path
+) -> dict[str, str]:
+    """Preprocess each side on its own spots only (no leakage) and write it to the cache."""
+    from .. import io, pp
+
+    wanted: dict[str, tuple[str, ...]] = {}
+    for fold in folds:
+        wanted[_side_id(fold.tune_groups)] = fold.tune_groups
+        for side in fold.test_sides:
+            wanted[_side_id(side)] = side
+    folder = out / "cache" / "sides"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {sid: str(folder / f"{sid}.h5ad") for sid in wanted}
+    todo = [sid for sid in wanted if not Path(paths[sid]).exists()]
+    if not todo:
+        return paths
+    morph = config.morphology
+    if morph.enabled:
+        pp.morphology_features(
+            adata,
+            extractor=morph.extractor,
+            weights=morph.weights,
+            extractor_params=morph.extractor_params,
+            image=morph.image,
+            patch_scale=morph.patch_scale,
+            pad=morph.pad,
+            stain_norm=morph.stain_norm,
+            reference=morph.stain_reference,
+            batch_size=morph.batch_size,
+            device=morph.device,
+            sample_key=K.SAMPLE,
+            seed=config.seed,
+        )
+    prep = config.preprocessing
+    samples = adata.obs[K.SAMPLE].astype(str).to_numpy()
+    for sid in progress(todo, desc="preparing sides"):
+        side = adata[np.isin(samples, side_samples(groups, wanted[sid]))].copy()
+        pp.preprocess_expression(
+            side,
+            min_spots=prep.min_spots,
+            n_top_genes=prep.n_top_genes,
+            hvg_flavor=prep.hvg_flavor,
+            batch_key=prep.batch_key,
+            target_sum=prep.target_sum,
+            scale_max_value=prep.scale_max_value,
+            n_comps=prep.n_comps,
+            seed=config.seed,
+        )
+        if morph.enabled:
+            pp.morphology_embedding(
+                side,
+                n_comps=morph.n_comps,
+                method=morph.integration,
+                batch_key=morph.batch_key,
+                seed=config.seed,
+                **morph.params,
+            )
+        slim = side[:, side.var[K.HVG].to_numpy()].copy()
+        slim.uns = {}
+        for key in list(slim.obsm):
+            if key == K.MORPH_FEATURES:
+                del slim.obsm[key]
+        slim.varm = {}
+        io.write_h5ad(slim, paths[sid], compression=None)
+        logger.info("side %s: %d spots, %d samples", sid, slim.n_obs, slim.obs[K.SAMPLE].nunique())
+    return paths
+
+
+# -- tasks -------------------------------------------------------------------------------------
+
+
+class _Context:
+    """Builds the task chain of a trial and finds its outputs."""
+
+    def __init__(self, out, sides, n_clusters, lam, threads, exclude_labels):
+        self.out = out
+        self.sides = sides
+        self.k = n_clusters
+        self.lam = lam
+        self.threads = threads
+        self.exclude = list(exclude_labels)
+
+    def path(self, level: str, key: str) -> Path:
+        suffix = ".json" if level == "score" else ".npy"
+        folder = self.out / "cache" / level
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{key}{suffix}"
+
+    def chain(
+        self,
+        pipeline: str,
+        fold: int,
+        role: str,
+        side: str,
+        point: dict,
+        cfg: dict,
+        tasks: dict[str, dict],
+    ) -> _Trial:
+        """Add the trial's steps to ``tasks`` (keyed, so shared steps run once)."""
+        label = f"{pipeline} fold{fold} {role} {side}"
+        common = {"side": self.sides[side], "config": cfg, "threads": self.threads, "label": label}
+        ikey = stable_hash("integrate", side, cfg["seed"], cfg["integration"])
+        tasks.setdefault(
+            ikey,
+            {
+                **common,
+                "kind": "integrate",
+                "key": ikey,
+                "output": str(self.path("integrate", ikey)),
+            },
+        )
+        last, last_level = ikey, "integrate"
+        if cfg["model"]["name"] not in ("", "none"):
+            mkey = stable_hash("model", ikey, cfg["model"], self.k)
+            tasks.setdefault(
+                mkey,
+                {
+                    **common,
+                    "kind": "model",
+                    "key": mkey,
+                    "n_clusters": self.k,
+                    "input": str(self.path("integrate", ikey)),
+                    "output": str(self.path("model", mkey)),
+                },
+            )
+            last, last_level = mkey, "model"
+        skey = stable_hash("score", last, cfg["clustering"], self.lam, self.exclude, self.k)
+        tasks.setdefault(
+            skey,
+            {
+                **common,
+                "kind": "score",
+                "key": skey,
+                "n_clusters": self.k,
+                "lam": self.lam,
+                "input": str(self.path(last_level, last)),
+                "output": str(self.path("score", skey)),
+            },
+        )
+        return _Trial(pipeline, fold, role, side, point, skey)
+
+    def table(self, trial: _Trial) -> pd.DataFrame:
+        payload = json.loads(self.path("score", trial.score_key).read_text())
+        return pd.DataFrame(payload["table"])
+
+
+def _execute(runner, tasks: Mapping[str, dict], out: Path, *, desc: str) -> None:
+    """Run the missing steps level by level (integrate, then model, then score)."""
+    for level in LEVELS:
+        level_tasks = [t for t in tasks.values() if t["kind"] == level]
+        todo = [t for t in level_tasks if not Path(t["output"]).exists()]
+        if not level_tasks:
+            continue
+        logger.info(
+            "%s: %d %s step(s), %d already done",
+            desc,
+            len(level_tasks),
+            level,
+            len(level_tasks) - len(todo),
+        )
+        if not todo:
+            continue
+        log = out / "tasks.jsonl"
+        for result in progress(runner.run(todo), desc=f"{desc}: {level}", total=len(todo)):
+            with open(log, "a") as fh:
+                fh.write(json.dumps({**result, "seconds": round(result["seconds"], 2)}) + "\n")
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def _trial_table(trials: Sequence[_Trial], ctx: _Context) -> pd.DataFrame:
+    rows = []
+    index: dict[tuple[str, int], int] = {}
+    for trial in trials:
+        i = index.get((trial.pipeline, trial.fold), 0)
+        index[(trial.pipeline, trial.fold)] = i + 1
+        table = ctx.table(trial)
+        mean = table.loc[table["sample"] == "mean"].iloc[0]
+        rows.append(
+            {
+                "pipeline": trial.pipeline,
+                "fold": trial.fold,
+                "point_index": i,
+                "side": trial.side,
+                **point_label(trial.point),
+                **{m: float(mean[m]) for m in TABLE_METRICS},
+                "trial": trial.score_key,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _choose(trials: pd.DataFrame, plans: Mapping, folds: Sequence[Fold]) -> pd.DataFrame:
+    """The trial with the highest composite per pipeline and fold (first in grid order on ties)."""
+    rows = []
+    for (pipeline, fold), part in trials.groupby(["pipeline", "fold"], sort=False):
+        scores = part["composite"].to_numpy(dtype=float)
+        if np.isnan(scores).all():
+            raise SpatlasInputError(
+                f"{pipeline}, fold {fold}: no trial has a composite score (are there labelled "
+                f"spots on the tuning side {part['side'].iloc[0]}?)"
+            )
+        best = part.iloc[int(np.nanargmax(scores))]
+        params = {c: best[c] for c in part.columns if "." in c}
+        rows.append(
+            {
+                "pipeline": pipeline,
+                "fold": int(fold),
+                "tune_groups": " ".join(folds[int(fold)].tune_groups),
+                "point_index": int(best["point_index"]),
+                **params,
+                "tune_composite": float(best["composite"]),
+                "tune_ari": float(best["ari"]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _test_table(
+    trials: Sequence[_Trial], ctx: _Context, groups: dict[str, list[str]]
+) -> pd.DataFrame:
+    group_of = {s: g for g, samples in groups.items() for s in samples}
+    rows = []
+    for trial in trials:
+        table = ctx.table(trial)
+        per_sample = table.loc[~table["sample"].isin(["mean", "all"])].copy()
+        per_sample["group"] = per_sample["sample"].map(group_of)
+        mean = table.loc[table["sample"] == "mean"].iloc[0]
+        for group, part in per_sample.groupby("group", sort=True):
+            labelled = part.loc[part["n_labelled"] > 0]
+            rows.append(
+                {
+                    "pipeline": trial.pipeline,
+                    "fold": trial.fold,
+                    "side": trial.side,
+                    "group": group,
+                    "n_labelled_samples": len(labelled),
+                    "samples": " ".join(labelled["sample"]),
+                    "ari": float(labelled["ari"].mean()) if len(labelled) else float("nan"),
+                    "nmi": float(labelled["nmi"].mean()) if len(labelled) else float("nan"),
+                    "side_ilisi": float(mean["ilisi"]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def summarize(test: pd.DataFrame, metric: str = "ari") -> pd.DataFrame:
+    """Test ``metric`` per group (mean over the folds that test it) x pipeline, plus a mean row."""
+    if test.empty:
+        return pd.DataFrame()
+    order = list(dict.fromkeys(test["pipeline"]))
+    wide = test.pivot_table(index="group", columns="pipeline", values=metric, aggfunc="mean")
+    wide = wide.dropna(how="all")[order]
+    wide.loc["mean"] = wide.mean(axis=0)
+    wide.index.name = "group"
+    return wide
+
+
+def gains(summary: pd.DataFrame, *, min_baseline: float = 0.05) -> pd.DataFrame:
+    """Relative gain of each ``<method>+<model>`` column over ``<method>``, per row.
+
+    A ratio to a baseline score near zero says nothing, so rows whose baseline is below
+    ``min_baseline`` get NaN.
+    """
+    out = {}
+    for column in summary.columns:
+        base, _, model = column.partition("+")
+        if model and base in summary.columns:
+            baseline = summary[base].where(summary[base] >= min_baseline)
+            out[f"{column} vs {base}"] = summary[column] / baseline - 1.0
+    return pd.DataFrame(out, index=summary.index)
+
+
+def _write_tables(out, trials, chosen, test, summary, config: Config) -> None:
+    import yaml
+
+    _write_csv(trials, out / "trials.csv")
+    _write_csv(chosen, out / "chosen.csv")
+    _write_csv(test, out / "test_scores.csv")
+    _write_csv(summary.reset_index(), out / "summary.csv")
+    g = gains(summary)
+    if not g.empty:
+        _write_csv(g.reset_index(), out / "gains.csv")
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    tmp.replace(out / "config.yaml")
+
+
+def _write_report(out: Path) -> None:
+    from ..report import build_report
+
+    try:
+        build_report(out)
+    except Exception as err:  # the tables are written; a missing report must not lose them
+        logger.warning(
+            "report.html not written (%s: %s); rebuild it with `spatlas report %s`",
+            type(err).__name__,
+            err,
+            out,
+        )
+
+
+def read_search(out: str | Path) -> dict[str, Any]:
+    """The tables of a finished search folder (for reports and notebooks)."""
+    out = Path(out)
+    tables: dict[str, Any] = {"spec": json.loads((out / SPEC_FILE).read_text())}
+    for name in ("trials", "chosen", "test_scores", "summary", "gains", "splits"):
+        path = out / f"{name}.csv"
+        tables[name] = pd.read_csv(path) if path.exists() else None
+    return tables

@@ -1,0 +1,165 @@
+"""The work of one search task, run in a worker process (local pool or Ray).
+
+A trial is a chain of three cached steps on one side of a fold (a prepared ``.h5ad`` holding the
+side's preprocessed spots): ``integrate`` -> ``model`` (when the pipeline has one) -> ``score``
+(clusters, refinement, metrics). Each step writes one file through a temporary name, so an
+interrupted search leaves only finished steps behind and a rerun skips them. Tasks are plain
+dicts (paths and the resolved config), so any backend can ship them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _keys as K
+
+#: obsm key a task puts the input embedding under.
+INPUT = "X_tune_input"
+
+
+@lru_cache(maxsize=4)
+def _read_side(path: str):
+    import anndata as ad
+
+    return ad.read_h5ad(path)
+
+
+def _side(path: str):
+    return _read_side(path).copy()
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(array, dtype=np.float32))
+    tmp.replace(path)
+
+
+def save_json(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1, default=_plain))
+    tmp.replace(path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def run_task(task: dict) -> dict:
+    """Run one task dict (``kind`` = integrate | model | score); return a small summary."""
+    from threadpoolctl import threadpool_limits
+
+    threads = int(task.get("threads", 1))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    start = time.perf_counter()
+    with threadpool_limits(threads):
+        kind = task["kind"]
+        if kind == "integrate":
+            _integrate(task)
+        elif kind == "model":
+            _model(task)
+        elif kind == "score":
+            _score(task)
+        else:  # pragma: no cover - built by the search itself
+            raise ValueError(f"unknown task kind {kind!r}")
+    return {"key": task["key"], "kind": kind, "seconds": time.perf_counter() - start}
+
+
+def _integrate(task: dict) -> None:
+    from .. import pp
+    from ._grid import validate
+
+    config = validate(task["config"])
+    adata = _side(task["side"])
+    integ = config.integration
+    if integ.method == "none":
+        out = np.asarray(adata.obsm[K.PCA])
+    else:
+        key = pp.integrate(
+            adata,
+            basis=K.PCA,
+            batch_key=integ.batch_key,
+            method=integ.method,
+            seed=config.seed,
+            key_added=INPUT,
+            **integ.params,
+        )
+        out = adata.obsm[key]
+    _save_array(Path(task["output"]), out)
+
+
+def _model(task: dict) -> None:
+    from .. import models
+    from ..pipeline import _model_params
+    from ._grid import validate
+
+    config = validate(task["config"])
+    adata = _side(task["side"])
+    adata.obsm[INPUT] = np.load(task["input"])
+    m = config.model
+    morphology_key = m.morphology_key if m.morphology_key in adata.obsm else None
+    cls = models.get_model(m.name)
+    params = _model_params(config, cls, int(task["n_clusters"]))
+    models.fit_model(
+        adata,
+        m.name,
+        expression_key=INPUT,
+        morphology_key=morphology_key,
+        sample_key=K.SAMPLE,
+        seed=config.seed,
+        key_added="X_tune_model",
+        **params,
+    )
+    _save_array(Path(task["output"]), adata.obsm["X_tune_model"])
+
+
+def _score(task: dict) -> None:
+    from .. import metrics, tl
+    from ._grid import validate
+
+    config = validate(task["config"])
+    adata = _side(task["side"])
+    adata.obsm[INPUT] = np.load(task["input"])
+    clus = config.clustering
+    key = "tune_domain"
+    raw = f"{key}_unrefined" if clus.refine else key
+    tl.cluster(
+        adata,
+        basis=INPUT,
+        method=clus.method,
+        n_clusters=int(task["n_clusters"]),
+        seed=config.seed,
+        key_added=raw,
+    )
+    if clus.refine:
+        tl.refine(adata, key=raw, k=clus.refine_k, key_added=key)
+    table = metrics.evaluate(
+        adata,
+        cluster_key=key,
+        embedding_key=INPUT,
+        exclude_labels=tuple(config.data.exclude_labels),
+        lam=float(task["lam"]),
+        seed=config.seed,
+    )
+    payload = {
+        "key": task["key"],
+        "table": table.to_dict(orient="records"),
+        "domains": adata.obs[key].astype(str).tolist() if task.get("keep_domains") else None,
+        "obs_names": adata.obs_names.tolist() if task.get("keep_domains") else None,
+    }
+    save_json(Path(task["output"]), payload)
