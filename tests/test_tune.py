@@ -234,6 +234,27 @@ def test_rerun_resumes_and_recomputes_only_missing_steps(searched, tmp_path):
     pd.testing.assert_frame_equal(first.chosen, second.chosen)
 
 
+def test_gains_skip_near_zero_baselines():
+    summary = pd.DataFrame(
+        {"harmony": [0.2, 0.01], "harmony+grid_ae": [0.3, 0.05], "scanorama": [0.1, 0.1]},
+        index=["A", "B"],
+    )
+    gains = tune.gains(summary)
+    assert list(gains.columns) == ["harmony+grid_ae vs harmony"]
+    assert gains.loc["A"].iloc[0] == pytest.approx(0.5)
+    assert np.isnan(gains.loc["B"].iloc[0])
+
+
+def test_resume_on_another_backend_or_worker_count(searched, tmp_path):
+    first, done = searched
+    out = tmp_path / "copy"
+    shutil.copytree(done, out)
+    lines = (out / "tasks.jsonl").read_text().splitlines()
+    again = tune.tune(_search_config(n_workers=2), out=out)
+    assert (out / "tasks.jsonl").read_text().splitlines() == lines  # nothing recomputed
+    pd.testing.assert_frame_equal(first.chosen, again.chosen)
+
+
 def test_same_seed_same_numbers_across_backends_and_workers(searched, tmp_path):
     first, _ = searched
     pooled = tune.tune(_search_config(), out=tmp_path / "pool", n_workers=2)

@@ -77,7 +77,15 @@ def build_search_report(out: str | Path) -> Path:
         if gains is not None:
             results += (
                 "<h3>Relative gain of adding the model</h3>"
-                + _table(gains.assign(**{c: gains[c] * 100 for c in gains.columns if c != "group"}))
+                + _table(
+                    gains.assign(
+                        **{
+                            c: gains[c].map(lambda v: "–" if pd.isna(v) else f"{v * 100:+.0f} %")
+                            for c in gains.columns
+                            if c != "group"
+                        }
+                    )
+                )
                 + "<p class='muted'>In per cent: (model − baseline) / baseline; – where the "
                 "baseline ARI is below 0.05 (a ratio to nearly zero says nothing).</p>"
             )

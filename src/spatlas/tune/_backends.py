@@ -117,6 +117,9 @@ class RayBackend:
                 kwargs["address"] = address
             else:
                 kwargs["num_cpus"] = (n_workers or default_workers()) * threads
+                # Ray lowers its workers' priority (nice 15); a local Ray started for this search
+                # runs them like the local backend's, so a busy machine does not starve them
+                os.environ.setdefault("RAY_worker_niceness", "0")
             self.ray.init(**kwargs)
             self.started = True
             logger.info(

@@ -19,6 +19,7 @@ finished step and a rerun with the same config and ``--out`` continues where it 
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -195,9 +196,13 @@ def search(
     k = run_pipeline._n_clusters(config, adata)
     if not isinstance(k, int):
         raise ConfigError("the search needs a fixed number of domains: set clustering.n_clusters")
+    # where the steps run does not change their results: a search may resume on another backend
+    spec_config = copy.deepcopy(base)
+    for key in ("backend", "n_workers", "address"):
+        spec_config["tune"].pop(key, None)
     spec = {
         "kind": kind,
-        "config": base,
+        "config": spec_config,
         "pipelines": [p.__dict__ for p in pipelines],
         "folds": [{"tune": f.tune_groups, "test": [list(s) for s in f.test_sides]} for f in folds],
         "n_clusters": k,
