@@ -139,7 +139,7 @@ def run(config: Config, *, out: str | Path | None = None, overwrite: bool = Fals
 def _run(config: Config, *, stage: Path | None) -> RunResult:
     import yaml
 
-    from . import io, metrics, pp, tl
+    from . import io, metrics, tl
 
     steps: list[dict] = []
     if _uses_model(config):  # a bad model name or setting fails before the slow steps
@@ -158,59 +158,20 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
             adata.n_vars,
             summary.to_string(index=False),
         )
-    prep = config.preprocessing
     with _step("preprocess", steps):
-        pp.preprocess_expression(
-            adata,
-            min_spots=prep.min_spots,
-            n_top_genes=prep.n_top_genes,
-            hvg_flavor=prep.hvg_flavor,
-            batch_key=prep.batch_key,
-            target_sum=prep.target_sum,
-            scale_max_value=prep.scale_max_value,
-            n_comps=prep.n_comps,
-            seed=config.seed,
-        )
+        preprocess(config, adata)
     integ = config.integration
     if integ.method == "none":
         basis, method_name = K.PCA, "pca"
     else:
         with _step("integrate", steps):
-            basis = pp.integrate(
-                adata,
-                basis=K.PCA,
-                batch_key=integ.batch_key,
-                method=integ.method,
-                seed=config.seed,
-                **integ.params,
-            )
+            basis = integrate(config, adata)
         method_name = integ.method
     morph = config.morphology
     if morph.enabled:
         with _step("morphology", steps):
-            pp.morphology_features(
-                adata,
-                extractor=morph.extractor,
-                weights=morph.weights,
-                extractor_params=morph.extractor_params,
-                image=morph.image,
-                patch_scale=morph.patch_scale,
-                pad=morph.pad,
-                stain_norm=morph.stain_norm,
-                reference=morph.stain_reference,
-                batch_size=morph.batch_size,
-                device=morph.device,
-                sample_key=K.SAMPLE,
-                seed=config.seed,
-            )
-            pp.morphology_embedding(
-                adata,
-                n_comps=morph.n_comps,
-                method=morph.integration,
-                batch_key=morph.batch_key,
-                seed=config.seed,
-                **morph.params,
-            )
+            morphology_features(config, adata)
+            morphology_embedding(config, adata)
     fitted = None
     if _uses_model(config):
         with _step("model", steps):
@@ -267,6 +228,77 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
         _write_report(stage, adata)
     return RunResult(
         adata=adata, metrics=table, timings=timings, domain_key=domain_key, steps=steps
+    )
+
+
+def preprocess(config: Config, adata: ad.AnnData) -> None:
+    """The ``preprocessing`` section applied to ``adata`` (in place)."""
+    from . import pp
+
+    prep = config.preprocessing
+    pp.preprocess_expression(
+        adata,
+        min_spots=prep.min_spots,
+        n_top_genes=prep.n_top_genes,
+        hvg_flavor=prep.hvg_flavor,
+        batch_key=prep.batch_key,
+        target_sum=prep.target_sum,
+        scale_max_value=prep.scale_max_value,
+        n_comps=prep.n_comps,
+        seed=config.seed,
+    )
+
+
+def integrate(config: Config, adata: ad.AnnData, *, key_added: str | None = None) -> str:
+    """The ``integration`` section on ``obsm['X_pca']``; returns the obsm key written."""
+    from . import pp
+
+    integ = config.integration
+    return pp.integrate(
+        adata,
+        basis=K.PCA,
+        batch_key=integ.batch_key,
+        method=integ.method,
+        seed=config.seed,
+        key_added=key_added,
+        **integ.params,
+    )
+
+
+def morphology_features(config: Config, adata: ad.AnnData) -> None:
+    """Patch features of the ``morphology`` section -> ``obsm['X_morph_features']``."""
+    from . import pp
+
+    morph = config.morphology
+    pp.morphology_features(
+        adata,
+        extractor=morph.extractor,
+        weights=morph.weights,
+        extractor_params=morph.extractor_params,
+        image=morph.image,
+        patch_scale=morph.patch_scale,
+        pad=morph.pad,
+        stain_norm=morph.stain_norm,
+        reference=morph.stain_reference,
+        batch_size=morph.batch_size,
+        device=morph.device,
+        sample_key=K.SAMPLE,
+        seed=config.seed,
+    )
+
+
+def morphology_embedding(config: Config, adata: ad.AnnData) -> None:
+    """PCA + correction of the morphology features (the ``morphology`` section)."""
+    from . import pp
+
+    morph = config.morphology
+    pp.morphology_embedding(
+        adata,
+        n_comps=morph.n_comps,
+        method=morph.integration,
+        batch_key=morph.batch_key,
+        seed=config.seed,
+        **morph.params,
     )
 
 

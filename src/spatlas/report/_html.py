@@ -139,9 +139,13 @@ def build_report(run_dir: str | Path, *, adata: Any = None) -> Path:
             f"</p>\n<pre>{html.escape(config_text)}</pre>"
         ),
     }
-    page = _page(_run_name(run_dir), sections)
-    path = run_dir / REPORT_NAME
-    tmp = run_dir / f".{REPORT_NAME}.tmp-{os.getpid()}"
+    return write_page(run_dir, _page(_run_name(run_dir), sections))
+
+
+def write_page(folder: Path, page: str) -> Path:
+    """Write ``folder/report.html`` through a temporary file renamed into place."""
+    path = folder / REPORT_NAME
+    tmp = folder / f".{REPORT_NAME}.tmp-{os.getpid()}"
     try:
         tmp.write_text(page, encoding="utf-8")
         os.replace(tmp, path)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 
-from .._logging import logger
-from ._html import REPORT_NAME, _figure, _page, _run_name, _table
+from ._html import _figure, _page, _run_name, _table, write_page
 
 SEARCH_SECTIONS = {
     "summary": "Summary",
@@ -117,16 +115,9 @@ def build_search_report(out: str | Path) -> Path:
         "splits": _table(splits) if splits is not None else "",
         "config": f"<pre>{html.escape(config_text)}</pre>",
     }
-    page = _page(_run_name(out), sections, titles=SEARCH_SECTIONS, what=spec["kind"])
-    path = out / REPORT_NAME
-    tmp = out / f".{REPORT_NAME}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    logger.info("report written to %s", path)
-    return path
+    return write_page(
+        out, _page(_run_name(out), sections, titles=SEARCH_SECTIONS, what=spec["kind"])
+    )
 
 
 def _task_seconds(out: Path) -> float:

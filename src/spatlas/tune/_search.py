@@ -350,7 +350,8 @@ def _prepare_sides(
     config: Config, adata, folds: Sequence[Fold], groups: dict[str, list[str]], out: Path
 ) -> dict[str, str]:
     """Preprocess each side on its own spots only (no leakage) and write it to the cache."""
-    from .. import io, pp
+    from .. import io
+    from .. import pipeline as run_pipeline
 
     wanted: dict[str, tuple[str, ...]] = {}
     for fold in folds:
@@ -363,47 +364,14 @@ def _prepare_sides(
     todo = [sid for sid in wanted if not Path(paths[sid]).exists()]
     if not todo:
         return paths
-    morph = config.morphology
-    if morph.enabled:
-        pp.morphology_features(
-            adata,
-            extractor=morph.extractor,
-            weights=morph.weights,
-            extractor_params=morph.extractor_params,
-            image=morph.image,
-            patch_scale=morph.patch_scale,
-            pad=morph.pad,
-            stain_norm=morph.stain_norm,
-            reference=morph.stain_reference,
-            batch_size=morph.batch_size,
-            device=morph.device,
-            sample_key=K.SAMPLE,
-            seed=config.seed,
-        )
-    prep = config.preprocessing
+    if config.morphology.enabled:
+        run_pipeline.morphology_features(config, adata)
     samples = adata.obs[K.SAMPLE].astype(str).to_numpy()
     for sid in progress(todo, desc="preparing sides"):
         side = adata[np.isin(samples, side_samples(groups, wanted[sid]))].copy()
-        pp.preprocess_expression(
-            side,
-            min_spots=prep.min_spots,
-            n_top_genes=prep.n_top_genes,
-            hvg_flavor=prep.hvg_flavor,
-            batch_key=prep.batch_key,
-            target_sum=prep.target_sum,
-            scale_max_value=prep.scale_max_value,
-            n_comps=prep.n_comps,
-            seed=config.seed,
-        )
-        if morph.enabled:
-            pp.morphology_embedding(
-                side,
-                n_comps=morph.n_comps,
-                method=morph.integration,
-                batch_key=morph.batch_key,
-                seed=config.seed,
-                **morph.params,
-            )
+        run_pipeline.preprocess(config, side)
+        if config.morphology.enabled:
+            run_pipeline.morphology_embedding(config, side)
         slim = side[:, side.var[K.HVG].to_numpy()].copy()
         slim.uns = {}
         for key in list(slim.obsm):
@@ -447,6 +415,7 @@ class _Context:
     ) -> _Trial:
         """Add the trial's steps to ``tasks`` (keyed, so shared steps run once)."""
         label = f"{pipeline} fold{fold} {role} {side}"
+        cfg["clustering"]["n_clusters"] = self.k  # one K for every side (from the whole cohort)
         common = {"side": self.sides[side], "config": cfg, "threads": self.threads, "label": label}
         ikey = stable_hash("integrate", side, cfg["seed"], cfg["integration"])
         tasks.setdefault(

@@ -81,51 +81,27 @@ def run_task(task: dict) -> dict:
 
 
 def _integrate(task: dict) -> None:
-    from .. import pp
+    from ..pipeline import integrate
     from ._grid import validate
 
     config = validate(task["config"])
     adata = _side(task["side"])
-    integ = config.integration
-    if integ.method == "none":
+    if config.integration.method == "none":
         out = np.asarray(adata.obsm[K.PCA])
     else:
-        key = pp.integrate(
-            adata,
-            basis=K.PCA,
-            batch_key=integ.batch_key,
-            method=integ.method,
-            seed=config.seed,
-            key_added=INPUT,
-            **integ.params,
-        )
-        out = adata.obsm[key]
+        out = adata.obsm[integrate(config, adata, key_added=INPUT)]
     _save_array(Path(task["output"]), out)
 
 
 def _model(task: dict) -> None:
-    from .. import models
-    from ..pipeline import _model_params
+    from ..pipeline import _fit_model
     from ._grid import validate
 
-    config = validate(task["config"])
+    config = validate(task["config"])  # clustering.n_clusters is set: the model's pseudo-label K
     adata = _side(task["side"])
     adata.obsm[INPUT] = np.load(task["input"])
-    m = config.model
-    morphology_key = m.morphology_key if m.morphology_key in adata.obsm else None
-    cls = models.get_model(m.name)
-    params = _model_params(config, cls, int(task["n_clusters"]))
-    models.fit_model(
-        adata,
-        m.name,
-        expression_key=INPUT,
-        morphology_key=morphology_key,
-        sample_key=K.SAMPLE,
-        seed=config.seed,
-        key_added="X_tune_model",
-        **params,
-    )
-    _save_array(Path(task["output"]), adata.obsm["X_tune_model"])
+    _fit_model(config, adata, INPUT)
+    _save_array(Path(task["output"]), adata.obsm[K.embedding_key(config.model.name)])
 
 
 def _score(task: dict) -> None:
