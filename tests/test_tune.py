@@ -338,6 +338,8 @@ def test_benchmark_cli_table_gains_bar_plot_and_report(tmp_path, capsys):
     assert gains.loc["mean", "harmony+grid_ae vs harmony"] == pytest.approx(
         expected.loc["mean", "harmony+grid_ae"] / expected.loc["mean", "harmony"] - 1, abs=1e-3
     )
+    assert "| mean |" in (out / "summary.md").read_text()
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "report.html").read_text()
     for sid in spatlas.report.SEARCH_SECTIONS:
         assert f"<h2 id='{sid}'>" in page

@@ -9,6 +9,8 @@ Layout of a search folder (``spatlas tune`` / ``spatlas benchmark`` ``--out DIR`
     chosen.csv         the winning parameters per pipeline and fold
     test_scores.csv    the winner's scores per pipeline, fold and test group
     summary.csv        test ARI per group (mean over the folds testing it) and pipeline
+    summary.md/.png    the same as a Markdown table (with the gains) and a bar plot
+    gains.csv          relative gain of each ``<method>+<model>`` over ``<method>``
     tasks.jsonl        every finished task with its seconds
     cache/             prepared sides and the embeddings of finished steps (resume from here)
     report.html        tables, bar plot, config (``spatlas report DIR`` rebuilds it)
@@ -603,6 +605,34 @@ def _write_tables(out, trials, chosen, test, summary, config: Config) -> None:
     tmp = out / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     tmp.replace(out / "config.yaml")
+    if not summary.empty:
+        _write_summary_md(out / "summary.md", summary, g)
+        from .. import pl
+
+        fig = pl.benchmark_bars(summary, title="test ARI per held-out group")
+        tmp = out / ".summary.png.tmp"
+        fig.savefig(tmp, format="png", dpi=110, facecolor="white")
+        tmp.replace(out / "summary.png")
+
+
+def _write_summary_md(path: Path, summary: pd.DataFrame, g: pd.DataFrame) -> None:
+    """The summary (and gains) as Markdown tables."""
+
+    def table(frame: pd.DataFrame, fmt) -> list[str]:
+        head = ["group", *map(str, frame.columns)]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, row in frame.iterrows():
+            lines.append("| " + " | ".join([str(name), *(fmt(v) for v in row)]) + " |")
+        return lines
+
+    lines = ["Test ARI per held-out group (mean over the folds testing it)", ""]
+    lines += table(summary, lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    if not g.empty:
+        lines += ["", "Relative gain of + model over its baseline", ""]
+        lines += table(g, lambda v: "n/a" if pd.isna(v) else f"{v * 100:+.0f} %")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
 
 
 def _write_report(out: Path) -> None:
