@@ -19,7 +19,6 @@ benchmarks/results/nested_cv_backends.md. Search folders go to benchmarks/.cache
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import sys
 import time
@@ -28,17 +27,18 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, RESULTS, ROOT, markdown_table
+from _common import CACHE, RESULTS, ROOT, markdown_table, peak_rss_mb
 
 CONFIG = ROOT / "configs" / "her2st_benchmark.yaml"
 
 
-def _peak_children_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+def _worker_peak_mb(out: Path) -> str:
+    import json
 
-
-def _peak_self_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lines = (out / "tasks.jsonl").read_text().splitlines()
+    peaks = [json.loads(line).get("worker_peak_rss_mb") for line in lines if line]
+    peaks = [p for p in peaks if p is not None]
+    return f"{max(peaks):.0f} MB" if peaks else "not recorded"
 
 
 def _task_seconds(out: Path) -> float:
@@ -95,7 +95,8 @@ def part_benchmark(workers: int | None) -> None:
         "",
         f"- wall time of this call: {wall:.0f} s (a resumed run counts only the rest); sum of "
         f"all task times {_task_seconds(out):.0f} s",
-        f"- peak RSS: parent {_peak_self_mb():.0f} MB, largest worker {_peak_children_mb():.0f} MB",
+        f"- peak RSS (VmHWM): this process {peak_rss_mb():.0f} MB (it loads the whole cohort and "
+        f"prepares the sides), largest worker {_worker_peak_mb(out)}",
         f"- grids: `{config.tune.grids or 'Table 1'}`; fixed: `{config.tune.fixed}`",
         "",
         "![bar plot](nested_cv_her2st.png)",

@@ -77,7 +77,14 @@ def run_task(task: dict) -> dict:
             _score(task)
         else:  # pragma: no cover - built by the search itself
             raise ValueError(f"unknown task kind {kind!r}")
-    return {"key": task["key"], "kind": kind, "seconds": time.perf_counter() - start}
+    from .._resources import peak_rss_mb
+
+    return {
+        "key": task["key"],
+        "kind": kind,
+        "seconds": time.perf_counter() - start,
+        "worker_peak_rss_mb": round(peak_rss_mb(), 1),  # the worker's peak so far
+    }
 
 
 def _integrate(task: dict) -> None:
