@@ -166,8 +166,12 @@ def _search_config(**tune_settings):
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
+    import torch
+
     out = tmp_path_factory.mktemp("tune") / "search"
-    result = tune.tune(_search_config(), out=out)
+    threads = torch.get_num_threads()
+    result = tune.tune(_search_config(), out=out)  # n_workers=1: tasks run in this process
+    assert torch.get_num_threads() == threads  # a task's thread limit does not leak out
     return result, out
 
 

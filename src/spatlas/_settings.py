@@ -8,14 +8,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 
-def _default_threads() -> int:
-    env = os.environ.get("SPATLAS_NUM_THREADS")
-    if env:
-        return max(1, int(env))
+def available_cores() -> int:
+    """CPU cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - macOS
         return max(1, os.cpu_count() or 1)
+
+
+def _default_threads() -> int:
+    env = os.environ.get("SPATLAS_NUM_THREADS")
+    if env:
+        return max(1, int(env))
+    return available_cores()
 
 
 @dataclass

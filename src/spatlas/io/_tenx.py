@@ -12,6 +12,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from .._errors import SpatlasInputError
+from ._write import atomic_path
 
 
 def _decode(values: np.ndarray) -> list[str]:
@@ -83,8 +84,7 @@ def write_10x_h5(adata: ad.AnnData, path: str | Path, *, genome: str = "unknown"
         raise SpatlasInputError("write_10x_h5 needs integer counts in adata.X")
     ids = np.asarray(adata.var_names, dtype="S")
     symbols = adata.var["gene_symbols"] if "gene_symbols" in adata.var else adata.var_names
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         grp = f.create_group("matrix")
         opts = {"compression": "gzip", "compression_opts": 9, "shuffle": True}
         grp.create_dataset("barcodes", data=np.asarray(adata.obs_names, dtype="S"))
@@ -98,7 +98,6 @@ def write_10x_h5(adata: ad.AnnData, path: str | Path, *, genome: str = "unknown"
         feat.create_dataset("feature_type", data=np.full(len(ids), b"Gene Expression"))
         feat.create_dataset("genome", data=np.full(len(ids), genome.encode()))
         feat.create_dataset("_all_tag_keys", data=np.asarray([b"genome"]))
-    tmp.replace(path)
 
 
 def _open_text(path: Path):

@@ -14,16 +14,26 @@ from .._errors import SpatlasInputError
 from .._logging import logger
 
 
-def write_h5ad(adata: ad.AnnData, path: str | Path, *, compression: str | None = "gzip") -> Path:
-    """Write ``adata`` to ``path`` through a temporary file renamed into place."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only on success.
+
+    A reader never sees a half-written file and a failed write leaves ``path`` as it was.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        adata.write_h5ad(tmp, compression=compression)
+        yield tmp
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_h5ad(adata: ad.AnnData, path: str | Path, *, compression: str | None = "gzip") -> Path:
+    """Write ``adata`` to ``path`` through a temporary file renamed into place."""
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp, compression=compression)
+    return Path(path)
 
 
 def check_output_dir(out: str | Path, *, overwrite: bool) -> Path:

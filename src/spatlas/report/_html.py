@@ -10,7 +10,6 @@ import base64
 import html
 import io
 import json
-import os
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -144,13 +143,11 @@ def build_report(run_dir: str | Path, *, adata: Any = None) -> Path:
 
 def write_page(folder: Path, page: str) -> Path:
     """Write ``folder/report.html`` through a temporary file renamed into place."""
+    from ..io._write import atomic_path
+
     path = folder / REPORT_NAME
-    tmp = folder / f".{REPORT_NAME}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     logger.info("report written to %s (%.1f MB)", path, path.stat().st_size / 1e6)
     return path
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from .._errors import ConfigError, SpatlasError
 from .._logging import logger
+from .._settings import available_cores
 from ._tasks import run_task
 
 BACKENDS = ("local", "ray")
@@ -25,10 +26,7 @@ class TaskFailed(SpatlasError, RuntimeError):
 
 def default_workers() -> int:
     """Worker processes for the local backend: the cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
+    return available_cores()
 
 
 def _describe(task: dict) -> str:

@@ -37,6 +37,7 @@ from .._config import Config, config_to_dict
 from .._errors import ConfigError, SpatlasInputError
 from .._logging import add_file_handler, logger
 from .._progress import progress
+from ..io._write import atomic_path
 from ._backends import BACKENDS, make_backend
 from ._grid import (
     Pipeline,
@@ -248,7 +249,7 @@ def search(
             )
             _execute(runner, tasks, out, desc="tuning")
             trials = _trial_table(tune_trials, ctx)
-            chosen = _choose(trials, plans, folds)
+            chosen = _choose(trials, folds)
             test_trials, tasks = [], {}
             for row in chosen.itertuples():
                 pbase, points = plans[row.pipeline]
@@ -340,9 +341,8 @@ def _write_splits(out: Path, folds: Sequence[Fold], groups: dict[str, list[str]]
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False, float_format="%.4f")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.4f")
 
 
 # -- sides -------------------------------------------------------------------------------------
@@ -398,12 +398,12 @@ class _Context:
         self.lam = lam
         self.threads = threads
         self.exclude = list(exclude_labels)
+        for level in LEVELS:
+            (out / "cache" / level).mkdir(parents=True, exist_ok=True)
 
     def path(self, level: str, key: str) -> Path:
         suffix = ".json" if level == "score" else ".npy"
-        folder = self.out / "cache" / level
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{key}{suffix}"
+        return self.out / "cache" / level / f"{key}{suffix}"
 
     def chain(
         self,
@@ -511,7 +511,7 @@ def _trial_table(trials: Sequence[_Trial], ctx: _Context) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _choose(trials: pd.DataFrame, plans: Mapping, folds: Sequence[Fold]) -> pd.DataFrame:
+def _choose(trials: pd.DataFrame, folds: Sequence[Fold]) -> pd.DataFrame:
     """The trial with the highest composite per pipeline and fold (first in grid order on ties)."""
     rows = []
     for (pipeline, fold), part in trials.groupby(["pipeline", "fold"], sort=False):
@@ -602,17 +602,15 @@ def _write_tables(out, trials, chosen, test, summary, config: Config) -> None:
     g = gains(summary)
     if not g.empty:
         _write_csv(g.reset_index(), out / "gains.csv")
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    tmp.replace(out / "config.yaml")
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     if not summary.empty:
         _write_summary_md(out / "summary.md", summary, g)
         from .. import pl
 
         fig = pl.benchmark_bars(summary, title="test ARI per held-out group")
-        tmp = out / ".summary.png.tmp"
-        fig.savefig(tmp, format="png", dpi=110, facecolor="white")
-        tmp.replace(out / "summary.png")
+        with atomic_path(out / "summary.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110, facecolor="white")
 
 
 def _write_summary_md(path: Path, summary: pd.DataFrame, g: pd.DataFrame) -> None:
@@ -630,9 +628,8 @@ def _write_summary_md(path: Path, summary: pd.DataFrame, g: pd.DataFrame) -> Non
     if not g.empty:
         lines += ["", "Relative gain of + model over its baseline", ""]
         lines += table(g, lambda v: "n/a" if pd.isna(v) else f"{v * 100:+.0f} %")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
 
 
 def _write_report(out: Path) -> None:

@@ -10,7 +10,6 @@ dicts (paths and the resolved config), so any backend can ship them.
 from __future__ import annotations
 
 import json
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .. import _keys as K
+from ..io._write import atomic_path
 
 #: obsm key a task puts the input embedding under.
 INPUT = "X_tune_input"
@@ -36,17 +36,14 @@ def _side(path: str):
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.save(fh, np.asarray(array, dtype=np.float32))
-    tmp.replace(path)
 
 
 def save_json(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, default=_plain))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1, default=_plain))
 
 
 def _plain(value: Any) -> Any:
@@ -57,18 +54,11 @@ def _plain(value: Any) -> Any:
 
 def run_task(task: dict) -> dict:
     """Run one task dict (``kind`` = integrate | model | score); return a small summary."""
-    from threadpoolctl import threadpool_limits
+    from .._settings import torch_threads
 
-    threads = int(task.get("threads", 1))
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
     start = time.perf_counter()
-    with threadpool_limits(threads):
-        kind = task["kind"]
+    kind = task["kind"]
+    with torch_threads(int(task.get("threads", 1))):  # restored after (inline tasks)
         if kind == "integrate":
             _integrate(task)
         elif kind == "model":
