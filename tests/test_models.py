@@ -31,10 +31,13 @@ def fit(adata, name, seed=0, **params):
     return models.fit_model(
         adata,
         name,
-        expression_key="X_pca_harmony",
-        morphology_key="X_morph",
         seed=seed,
-        **{**fast_params(name), **params},
+        **{
+            "expression_key": "X_pca_harmony",
+            "morphology_key": "X_morph",
+            **fast_params(name),
+            **params,
+        },
     )
 
 
@@ -148,6 +151,63 @@ def test_without_morphology_the_weight_falls_to_zero(cohort):
     )
     assert model.train_params["morphology_weight"] == 0.0
     assert model.history[-1]["rec_morphology"] == 0.0
+
+
+def test_sample_dependence_is_the_share_of_sample_entropy_the_labels_explain():
+    from spatlas.models.grid_ae import sample_dependence
+
+    samples = np.repeat(["a", "b", "c"], 40)
+    assert sample_dependence(np.tile([0, 1], 60), samples) == pytest.approx(0.0, abs=1e-12)
+    assert sample_dependence(samples, samples) == pytest.approx(1.0)
+    # two of three samples share a label: log(3) - 2/3 log(2) of log(3) nats
+    merged = np.where(samples == "c", 1, 0)
+    expected = 1 - (2 / 3) * np.log(2) / np.log(3)
+    assert sample_dependence(merged, samples) == pytest.approx(expected)
+    assert sample_dependence(np.arange(10) % 3, np.zeros(10)) == 0.0
+
+
+def test_auto_pseudo_labels_stay_global_on_integrated_inputs(cohort):
+    auto = fit(cohort, "grid_ae")
+    assert auto.train_params["pseudo_labels"] == "auto"
+    for modality in ("e", "m"):
+        assert auto.train_params[f"pseudo_labels_{modality}"] == "global"
+        assert auto.train_params[f"sample_dependence_{modality}"] < 0.15
+    explicit = fit(cohort, "grid_ae", pseudo_labels="global", key_added="X_global")
+    np.testing.assert_array_equal(auto.get_latent(), explicit.get_latent())
+
+
+def test_auto_pseudo_labels_go_per_sample_when_the_labels_follow_the_samples(cohort):
+    shifted = cohort.copy()
+    offset = np.where(shifted.obs["sample"].to_numpy() == shifted.obs["sample"].iloc[0], 25, 0)
+    shifted.obsm["X_pca_harmony"] = shifted.obsm["X_pca_harmony"] + offset[:, None]
+    auto = fit(shifted, "grid_ae")
+    assert auto.train_params["pseudo_labels_e"] == "per_sample"
+    assert auto.train_params["sample_dependence_e"] > 0.9
+    assert auto.train_params["pseudo_labels_m"] == "global"  # decided per modality
+    auto = fit(shifted, "grid_ae", morphology_key=None)
+    per_sample = fit(
+        shifted, "grid_ae", morphology_key=None, pseudo_labels="per_sample", key_added="X_ps"
+    )
+    np.testing.assert_array_equal(auto.get_latent(), per_sample.get_latent())
+
+
+def test_adversarial_penalty_classifies_every_sample():
+    adata = spatlas.datasets.synthetic_cohort(
+        n_donors=2, n_samples_per_donor=2, n_spots=120, n_genes=150, image=False, seed=1
+    )
+    spatlas.pp.preprocess_expression(adata, n_top_genes=100, n_comps=5, seed=0)
+    model = models.fit_model(
+        adata,
+        "grid_ae",
+        expression_key="X_pca",
+        batch_penalty="adversarial",
+        window=3,
+        steps=20,
+        batch_size=64,
+        progress=False,
+    )
+    assert model.module.adversary.net[-1].out_features == 4
+    assert np.isfinite(model.history[-1]["batch"])
 
 
 def test_morphology_weight_out_of_range_is_an_error(cohort):

@@ -362,3 +362,18 @@ def test_benchmark_bars_returns_a_figure():
     ax = fig.axes[0]
     assert len(ax.patches) == 6
     assert [t.get_text() for t in ax.get_xticklabels()] == ["A", "B", "mean"]
+
+
+def test_model_cache_key_follows_the_model_defaults(monkeypatch):
+    from spatlas.models.grid_ae import GridAE
+    from spatlas.tune._search import model_cache_key
+
+    section = {"name": "grid_ae", "window": 3, "params": {}}
+    key = model_cache_key("abc", section, 5)
+    assert key == model_cache_key("abc", dict(section), 5)
+    assert key != model_cache_key("abd", section, 5)
+    assert key != model_cache_key("abc", {**section, "window": 5}, 5)
+    init, train = GridAE.parameters()
+    changed = {**train, "pseudo_labels": "global"}
+    monkeypatch.setattr(GridAE, "parameters", classmethod(lambda cls: (init, changed)))
+    assert model_cache_key("abc", section, 5) != key  # a new default: no stale resume

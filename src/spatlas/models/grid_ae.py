@@ -58,8 +58,33 @@ from ._trainer import TrainSettings, train_loop
 
 Scaling = Literal["standard", "minmax", "global"]
 SCALINGS = ("standard", "minmax", "global")
-PseudoLabels = Literal["global", "per_sample"]
-PSEUDO_LABELS = ("global", "per_sample")
+PseudoLabels = Literal["auto", "global", "per_sample"]
+PSEUDO_LABELS = ("auto", "global", "per_sample")
+# ``pseudo_labels='auto'`` switches to per-sample labels when the global ones explain more than
+# this fraction of the sample entropy (uncertainty coefficient U(sample | labels)). Measured on
+# the expression input (Harmony PCs, K-Means of window means): DLPFC Br8100 0.008 (morphology
+# 0.04), her2st A-E 0.29, where whole patients form their own clusters.
+SAMPLE_DEPENDENCE_LIMIT = 0.15
+
+
+def sample_dependence(labels: np.ndarray, samples: np.ndarray) -> float:
+    """Uncertainty coefficient U(sample | labels) = I(labels; sample) / H(sample) in [0, 1].
+
+    0: every label is spread over the samples in their overall proportions; 1: each label lies
+    in one sample. 0 when there is a single sample.
+    """
+    labels = np.unique(np.asarray(labels), return_inverse=True)[1].ravel()
+    samples = np.unique(np.asarray(samples), return_inverse=True)[1].ravel()
+    joint = np.zeros((labels.max() + 1, samples.max() + 1))
+    np.add.at(joint, (labels, samples), 1.0)
+    joint /= joint.sum()
+    p_l, p_s = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    h_s = -float(np.sum(p_s[p_s > 0] * np.log(p_s[p_s > 0])))
+    if h_s <= 0:
+        return 0.0
+    nz = joint > 0
+    mutual = float(np.sum(joint[nz] * np.log(joint[nz] / (p_l @ p_s)[nz])))
+    return max(0.0, min(1.0, mutual / h_s))
 
 
 def window_mean(X: np.ndarray, table: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -80,10 +105,10 @@ class GridAEModule(nn.Module):
     Linear(hidden · w² -> latent). Decoder: Linear(latent -> hidden · w²) -> ReLU ->
     Conv(hidden -> C, 1 x 1) (-> sigmoid for inputs min-max scaled to [0, 1]): the linear
     layer already gives every cell its own code, so a per-cell read-out suffices and the
-    decoder costs a tenth of a 3 x 3 one. With ``n_samples > 0`` the decoder is
-    sample-conditional (a learned sample code is added to the latent before decoding, so the
-    latent need not carry sample-specific offsets); ``adversary`` adds a sample classifier
-    trained through gradient reversal.
+    decoder costs a tenth of a 3 x 3 one. With ``sample_decoder`` the decoder is
+    sample-conditional (a learned code per sample, of ``n_samples``, is added to the latent
+    before decoding, so the latent need not carry sample-specific offsets); ``adversary`` adds
+    a classifier of the ``n_samples`` samples trained through gradient reversal.
     """
 
     def __init__(
@@ -96,6 +121,7 @@ class GridAEModule(nn.Module):
         dropout: float = 0.3,
         bounded_output: bool = False,
         n_samples: int = 0,
+        sample_decoder: bool = False,
         adversary: bool = False,
     ) -> None:
         super().__init__()
@@ -118,7 +144,8 @@ class GridAEModule(nn.Module):
         if bounded_output:
             decoder.append(nn.Sigmoid())
         self.decoder = nn.Sequential(*decoder)
-        self.sample_code = nn.Embedding(n_samples, latent_dim) if n_samples > 0 else None
+        use_code = sample_decoder and n_samples > 0
+        self.sample_code = nn.Embedding(n_samples, latent_dim) if use_code else None
         self.adversary = SampleAdversary(latent_dim, max(n_samples, 2)) if adversary else None
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -284,7 +311,8 @@ class GridAE(BaseModel):
             hidden=p["hidden"],
             dropout=p["dropout"],
             bounded_output=p["scaling"] == "minmax",
-            n_samples=self.n_samples if p.get("sample_decoder") else 0,
+            n_samples=self.n_samples,
+            sample_decoder=bool(p.get("sample_decoder")),
             adversary=p.get("batch_penalty") == "adversarial",
         )
 
@@ -325,7 +353,7 @@ class GridAE(BaseModel):
         margin: float = 1.0,
         n_pseudo_labels: int = 7,
         smooth_pseudo_labels: bool = True,
-        pseudo_labels: PseudoLabels = "global",
+        pseudo_labels: PseudoLabels = "auto",
         relabel_after: float | None = None,
         cross_sample_positives: bool = False,
         seed: int = 0,
@@ -363,9 +391,12 @@ class GridAE(BaseModel):
             Cluster each modality's embedding averaged over the spot's window (the cells that
             hold a spot) rather than the spot alone: spatially coherent pseudo-labels.
         pseudo_labels
-            ``global``: K-Means over all spots (for integrated inputs); ``per_sample``: K-Means
-            within each sample, triplets drawn within each sample (for uncorrected inputs, whose
-            global clusters would follow the samples).
+            ``global``: K-Means over all spots (for well-integrated inputs); ``per_sample``:
+            K-Means within each sample, triplets drawn within each sample (for inputs whose
+            global clusters follow the samples: triplets on such labels would push the samples
+            further apart); ``auto`` (default): per modality, global unless the global labels
+            explain more than :data:`SAMPLE_DEPENDENCE_LIMIT` of the sample entropy (see
+            :func:`sample_dependence`); ``train_params`` records the choice.
         relabel_after
             Fraction of the steps after which the pseudo-labels are replaced by K-Means of the
             current latent over all spots (self-training; with a batch penalty the latent is
@@ -431,9 +462,11 @@ class GridAE(BaseModel):
         use_tri_e = beta > 0 and triplet_weight > 0 and k >= 2
         use_tri_m = alpha > 0 and triplet_weight > 0 and k >= 2
         source = window_mean(self._raw, self.table) if smooth_pseudo_labels else self._raw
-        per_sample = pseudo_labels == "per_sample"
-        labels_e = self._pseudo_labels(source[:, :de], k, seed, per_sample) if use_tri_e else None
-        labels_m = self._pseudo_labels(source[:, de:], k, seed, per_sample) if use_tri_m else None
+        labels_e = within_e = labels_m = within_m = None
+        if use_tri_e:
+            labels_e, within_e = self._pseudo_labels(source[:, :de], k, seed, pseudo_labels, "e")
+        if use_tri_m:
+            labels_m, within_m = self._pseudo_labels(source[:, de:], k, seed, pseudo_labels, "m")
         relabel_step = None if relabel_after is None else int(relabel_after * settings.steps)
         penalty = self.init_params["batch_penalty"]
         dev = torch.device(resolve_device(device))
@@ -445,7 +478,8 @@ class GridAE(BaseModel):
             labels = {
                 "e": None if labels_e is None else torch.from_numpy(labels_e),
                 "m": None if labels_m is None else torch.from_numpy(labels_m),
-                "within": per_sample,
+                "within_e": bool(within_e),
+                "within_m": bool(within_m),
             }
             draws = torch.Generator().manual_seed(seed + 1)
             batches = endless_batches(n, batch_size, seed)
@@ -461,17 +495,25 @@ class GridAE(BaseModel):
                 rec_e = masked_l1(x[:, :de], recon[:, :de], mask)
                 rec_m = masked_l1(x[:, de:], recon[:, de:], mask)
                 tri_e = tri_m = zero
-                kwargs = {
-                    "generator": draws,
-                    "groups": groups[rows],
-                    "cross_sample": cross_sample_positives and not labels["within"],
-                    "within_sample": labels["within"],
-                    "margin": margin,
-                }
+                kwargs = {"generator": draws, "groups": groups[rows], "margin": margin}
                 if labels["e"] is not None:
-                    tri_e = multi_triplet_loss(z, labels["e"][rows], **kwargs)
+                    within = labels["within_e"]
+                    tri_e = multi_triplet_loss(
+                        z,
+                        labels["e"][rows],
+                        cross_sample=cross_sample_positives and not within,
+                        within_sample=within,
+                        **kwargs,
+                    )
                 if labels["m"] is not None:
-                    tri_m = multi_triplet_loss(z, labels["m"][rows], **kwargs)
+                    within = labels["within_m"]
+                    tri_m = multi_triplet_loss(
+                        z,
+                        labels["m"][rows],
+                        cross_sample=cross_sample_positives and not within,
+                        within_sample=within,
+                        **kwargs,
+                    )
                 total = alpha * (rec_weight * rec_m + triplet_weight * tri_m) + beta * (
                     rec_weight * rec_e + triplet_weight * tri_e
                 )
@@ -488,18 +530,43 @@ class GridAE(BaseModel):
         self.module = module
         return self
 
-    def _pseudo_labels(self, X: np.ndarray, k: int, seed: int, per_sample: bool) -> np.ndarray:
-        """K-Means labels of ``X``: over all spots, or within each sample (codes per sample)."""
+    def _pseudo_labels(
+        self, X: np.ndarray, k: int, seed: int, mode: str, modality: str
+    ) -> tuple[np.ndarray, bool]:
+        """K-Means pseudo-labels of ``X`` and whether triplets must stay within a sample.
+
+        ``global``: over all spots; ``per_sample``: within each sample (codes per sample);
+        ``auto``: global unless they follow the samples (:func:`sample_dependence` above
+        :data:`SAMPLE_DEPENDENCE_LIMIT`), then per sample. The choice and the dependence are
+        recorded in ``train_params``.
+        """
         from ..tl._cluster import kmeans_labels
 
-        if not per_sample:
-            return kmeans_labels(X, k, seed=seed)
+        if mode != "per_sample":
+            labels = kmeans_labels(X, k, seed=seed)
+            if mode == "global":
+                return labels, False
+            dependence = sample_dependence(labels, self.sample_codes)
+            chosen = "per_sample" if dependence > SAMPLE_DEPENDENCE_LIMIT else "global"
+            self.train_params[f"pseudo_labels_{modality}"] = chosen
+            self.train_params[f"sample_dependence_{modality}"] = round(dependence, 4)
+            logger.info(
+                "%s: global %s pseudo-labels explain %.0f %% of the sample entropy -> %s "
+                "pseudo-labels (limit %.0f %%)",
+                self.name,
+                "expression" if modality == "e" else "morphology",
+                100 * dependence,
+                chosen.replace("_", "-"),
+                100 * SAMPLE_DEPENDENCE_LIMIT,
+            )
+            if chosen == "global":
+                return labels, False
         out = np.zeros(self.n_obs, dtype=np.int64)
         for code in range(self.n_samples):
             rows = np.flatnonzero(self.sample_codes == code)
             if rows.size >= 2:
                 out[rows] = kmeans_labels(X[rows], min(k, rows.size), seed=seed)
-        return out
+        return out, True
 
     def _relabel(
         self,
@@ -526,7 +593,7 @@ class GridAE(BaseModel):
         for key in ("e", "m"):
             if labels[key] is not None:
                 labels[key] = new
-        labels["within"] = False
+        labels["within_e"] = labels["within_m"] = False
         logger.info("%s: pseudo-labels replaced by K-Means of the latent", self.name)
 
     # -- inference -------------------------------------------------------------------------

@@ -52,6 +52,18 @@ from ._grid import (
 from ._splits import Fold, check_folds, donor_splits, sample_groups, side_samples
 from ._tasks import save_json
 
+
+def model_cache_key(integrate_key: str, model: Mapping, k: int) -> str:
+    """Cache key of a model step: its input, its config section, K and the model's defaults.
+
+    The defaults are part of the key so that a spatlas whose model defaults changed does not
+    resume a search from model outputs computed under the old ones.
+    """
+    from ..models import get_model
+
+    init, train = get_model(model["name"]).parameters()
+    return stable_hash("model", integrate_key, dict(model), k, init, train)
+
 SPEC_FILE = "search.json"
 LEVELS = ("integrate", "model", "score")
 TABLE_METRICS = ("composite", "ari", "nmi", "asw_label", "ilisi", "kbet", "ari_donor")
@@ -431,7 +443,7 @@ class _Context:
         )
         last, last_level = ikey, "integrate"
         if cfg["model"]["name"] not in ("", "none"):
-            mkey = stable_hash("model", ikey, cfg["model"], self.k)
+            mkey = model_cache_key(ikey, cfg["model"], self.k)
             tasks.setdefault(
                 mkey,
                 {
