@@ -28,11 +28,15 @@ random_state=seed)`` on ``obsm['X_pca_transcriptomics']`` / ``obsm['X_pca_morpho
     python benchmarks/vs_aestetik.py                         # everything; reuses raw AESTETIK runs
     python benchmarks/vs_aestetik.py --reuse-only            # tables from the AESTETIK runs done
     python benchmarks/vs_aestetik.py --only aestetik         # fill the raw AESTETIK results only
+    python benchmarks/vs_aestetik.py --only aestetik --datasets dlpfc --settings default
+        --recompute-aestetik --stop-after 1500   # (one line) a run too long to finish here:
+                                                 # record its cost so far, as bounds
     python benchmarks/vs_aestetik.py --datasets dlpfc --recompute-aestetik
     python benchmarks/vs_aestetik.py --window-ablation       # grid_ae window 1 / 3 / 5 / 7 on DLPFC
+    python benchmarks/vs_aestetik.py --window-ablation her2st          # 1 / 3 / 5 on her2st
 
-Writes benchmarks/results/vs_aestetik.csv and vs_aestetik.md (and vs_aestetik_windows.* for
-the ablation).
+Writes benchmarks/results/vs_aestetik.csv and vs_aestetik.md (and vs_aestetik_windows.* /
+vs_aestetik_windows_her2st.* for the ablations).
 """
 
 from __future__ import annotations
@@ -259,8 +263,37 @@ def ensure_aestetik_venv() -> Path:
     return python
 
 
-def run_aestetik(dataset: str, setting: str, seed: int, *, recompute: bool) -> dict:
-    """One AESTETIK run (reused from ``results/aestetik_raw`` unless ``recompute``)."""
+def _proc_stats(pid: int) -> dict:
+    """Peak RSS (MB) and CPU seconds of a running process (``/proc``; empty once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return {}
+    hwm = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:"))
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return {"peak_mb": round(hwm / 1024), "cpu_seconds": cpu}
+
+
+def _epochs_done(logs: Path, since: float) -> int:
+    """Epochs AESTETIK (Lightning) has checkpointed in a ``lightning_logs`` version made since."""
+    done = 0
+    for ckpt in logs.glob("version_*/checkpoints/epoch=*.ckpt"):
+        if ckpt.stat().st_mtime >= since:
+            done = max(done, int(ckpt.name.split("=")[1].split("-")[0]) + 1)
+    return done
+
+
+def run_aestetik(
+    dataset: str, setting: str, seed: int, *, recompute: bool, stop_after: float | None = None
+) -> dict | None:
+    """One AESTETIK run (reused from ``results/aestetik_raw`` unless ``recompute``).
+
+    ``stop_after``: stop the run after that many wall seconds and write what it reached
+    (``<stem>.incomplete.json``: seconds, CPU seconds, peak RSS, epochs) instead; returns
+    ``None`` then. Those are lower bounds of a full run's cost.
+    """
     from _common import DATASETS
 
     stem = RAW / f"{dataset}_{setting}_seed{seed}"
@@ -276,15 +309,63 @@ def run_aestetik(dataset: str, setting: str, seed: int, *, recompute: bool) -> d
     cmd += [str(MORPHOLOGY_WEIGHT[dataset])]
     log = CACHE / f"aestetik_{dataset}_{setting}_seed{seed}.log"
     print(f"  AESTETIK {dataset} {setting} seed {seed} ... (log {log})", flush=True)
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
+    load_before, stats = _load_average(), {}
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=workdir)
+        while proc.poll() is None:
+            stats = _proc_stats(proc.pid) or stats
+            if stop_after is not None and time.perf_counter() - start > stop_after:
+                proc.kill()
+                proc.wait()
+                _write_incomplete(
+                    stem,
+                    setting=setting,
+                    seed=seed,
+                    seconds=time.perf_counter() - start,
+                    stats=stats,
+                    epochs=_epochs_done(workdir / "lightning_logs", started),
+                    load=(load_before, _load_average()),
+                    digest=_digest(*(np.load(inputs)[k] for k in ("expr", "morph"))),
+                    started=started,
+                )
+                return None
+            time.sleep(2)
     if proc.returncode != 0:
         raise SystemExit(f"AESTETIK {dataset} {setting} seed {seed} failed: see {log}")
     record = json.loads(Path(str(stem) + ".json").read_text())
     record["process_seconds"] = round(time.perf_counter() - start, 1)
     Path(str(stem) + ".json").write_text(json.dumps(record, indent=1))
+    Path(str(stem) + ".incomplete.json").unlink(missing_ok=True)  # superseded
     return record
+
+
+def _write_incomplete(stem: Path, *, setting, seed, seconds, stats, epochs, load, digest, started):
+    total = AESTETIK_SETTINGS[setting]["max_epochs"]
+    record = {
+        "tool": "aestetik",
+        "version": AESTETIK_VERSION,
+        "setting": setting,
+        "seed": seed,
+        "status": f"stopped by --stop-after after {seconds:.0f} s, {epochs} of {total} epochs "
+        "trained, no prediction yet",
+        "seconds_at_least": round(seconds, 1),
+        "cpu_seconds_at_least": round(stats.get("cpu_seconds", float("nan")), 1),
+        "peak_mb_at_least": stats.get("peak_mb"),
+        "epochs_done": epochs,
+        "max_epochs": total,
+        "num_repeats_predict": AESTETIK_SETTINGS[setting]["num_repeats_predict"],
+        "load_before": load[0],
+        "load_after": load[1],
+        "inputs_digest": digest,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+    }
+    if epochs:
+        # at the average pace so far (set-up included), before the prediction repeats
+        record["training_hours_projected"] = round(seconds / epochs * total / 3600, 1)
+    path = Path(str(stem) + ".incomplete.json")
+    path.write_text(json.dumps(record, indent=1))
+    print(f"  AESTETIK {stem.name}: stopped, see {path}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +577,21 @@ RUNS = [
 ]
 
 
+def _incomplete(dataset: str, setting: str, seed: int) -> dict | None:
+    path = RAW / f"{dataset}_{setting}_seed{seed}.incomplete.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _ratio(ours: float, ref: float, bound: dict | None, key: str):
+    """``ours / ref``; without a finished reference, ``< ours / lower bound`` of an incomplete
+    run (its cost so far), marked as a bound; else NaN."""
+    if np.isfinite(ref):
+        return ours / ref
+    if bound is not None and bound.get(key):
+        return f"< {ours / bound[key]:.3f} (AESTETIK stopped unfinished: bound)"
+    return float("nan")
+
+
 def report(table) -> str:
     """Markdown: per-run tables, seed summaries and the ratios against the issue's targets."""
     import pandas as pd
@@ -531,6 +627,7 @@ def report(table) -> str:
         ref = s.loc["AESTETIK default (100 ep, 1000 rep)"]
         red = s.loc["AESTETIK reduced (10 ep, 100 rep)"]
         harmony = s.loc["Harmony alone + refine"]
+        bound = _incomplete(dataset, "default", 0)
         ratios = pd.DataFrame(
             [
                 {
@@ -551,17 +648,17 @@ def report(table) -> str:
                 },
                 {
                     "ratio": "wall s: spatlas / AESTETIK default",
-                    "value": ours.seconds / ref.seconds,
+                    "value": _ratio(ours.seconds, ref.seconds, bound, "seconds_at_least"),
                     "target": "<= 0.05",
                 },
                 {
                     "ratio": "CPU s: spatlas / AESTETIK default",
-                    "value": ours.cpu_s / ref.cpu_s,
+                    "value": _ratio(ours.cpu_s, ref.cpu_s, bound, "cpu_seconds_at_least"),
                     "target": "",
                 },
                 {
                     "ratio": "peak MB: spatlas / AESTETIK default",
-                    "value": ours.peak_mb / ref.peak_mb,
+                    "value": _ratio(ours.peak_mb, ref.peak_mb, bound, "peak_mb_at_least"),
                     "target": "<= 0.25",
                 },
                 {
@@ -581,8 +678,12 @@ def report(table) -> str:
     return "\n".join(parts)
 
 
-def window_ablation(seeds=SEEDS, windows=(1, 3, 5, 7)) -> None:
-    """grid_ae with window 1 / 3 / 5 / 7 on DLPFC (the paper's Figure 5), 3 seeds each."""
+def window_ablation(dataset: str = "dlpfc", seeds=SEEDS) -> None:
+    """grid_ae with window 1 / 3 / 5 / 7 on DLPFC (the paper's Figure 5), 3 seeds each; her2st:
+    window 1 / 3 / 5 (its legacy ST spots are twice as far apart)."""
+    windows = (1, 3, 5, 7) if dataset == "dlpfc" else (1, 3, 5)
+    name = "vs_aestetik_windows" if dataset == "dlpfc" else f"vs_aestetik_windows_{dataset}"
+    title = {"dlpfc": "DLPFC Br8100", "her2st": "her2st A-E"}[dataset]
     import pandas as pd
 
     from _common import RESULTS, markdown_table
@@ -590,14 +691,14 @@ def window_ablation(seeds=SEEDS, windows=(1, 3, 5, 7)) -> None:
     rows = []
     for window in windows:
         for seed in seeds:
-            params = {**GRID_AE["dlpfc"], "window": window}
-            rec = run_spatlas("dlpfc", "grid_ae", seed, params, f"w{window}")
-            row = {"window": window, "seed": seed, **score("dlpfc", _labels(rec, "dlpfc"))}
+            params = {**GRID_AE[dataset], "window": window}
+            rec = run_spatlas(dataset, "grid_ae", seed, params, f"w{window}")
+            row = {"window": window, "seed": seed, **score(dataset, _labels(rec, dataset))}
             row.update({"seconds": rec["seconds"], "peak MB": rec["peak_mb"]})
             rows.append(row)
             print(f"  window {window} seed {seed}: ARI mean {row['ARI mean']:.3f}", flush=True)
     table = pd.DataFrame(rows)
-    table.to_csv(RESULTS / "vs_aestetik_windows.csv", index=False, float_format="%.4f")
+    table.to_csv(RESULTS / f"{name}.csv", index=False, float_format="%.4f")
     summary = (
         table.groupby("window")
         .agg(
@@ -608,9 +709,9 @@ def window_ablation(seeds=SEEDS, windows=(1, 3, 5, 7)) -> None:
         )
         .reset_index()
     )
-    text = "### DLPFC Br8100: grid_ae window size (3 seeds)\n\n" + markdown_table(summary)
+    text = f"### {title}: grid_ae window size (3 seeds)\n\n" + markdown_table(summary)
     text += "\n### every run\n\n" + markdown_table(table)
-    (RESULTS / "vs_aestetik_windows.md").write_text(text)
+    (RESULTS / f"{name}.md").write_text(text)
     print(text)
 
 
@@ -649,8 +750,23 @@ def _main_venv() -> None:
         help="only fill the raw AESTETIK results (for a background job)",
     )
     parser.add_argument("--recompute-aestetik", action="store_true")
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with --only aestetik: stop each AESTETIK run after S wall seconds and record "
+        "how far it got (<stem>.incomplete.json: lower bounds of its cost)",
+    )
     parser.add_argument("--settings", nargs="+", default=["default", "reduced"])
-    parser.add_argument("--window-ablation", action="store_true")
+    parser.add_argument(
+        "--window-ablation",
+        nargs="?",
+        const="dlpfc",
+        default=None,
+        choices=["dlpfc", "her2st"],
+        help="grid_ae window sweep on DLPFC (default) or her2st",
+    )
     parser.add_argument(
         "--reuse-only",
         action="store_true",
@@ -663,13 +779,21 @@ def _main_venv() -> None:
     global REUSE_SPATLAS
     REUSE_SPATLAS = args.reuse_spatlas
     if args.window_ablation:
-        window_ablation()
+        window_ablation(args.window_ablation)
         return
     if args.only == "aestetik":
         for dataset in args.datasets:
             for setting in args.settings:
                 for seed in SEEDS if setting == "reduced" else (0,):
-                    rec = run_aestetik(dataset, setting, seed, recompute=args.recompute_aestetik)
+                    rec = run_aestetik(
+                        dataset,
+                        setting,
+                        seed,
+                        recompute=args.recompute_aestetik,
+                        stop_after=args.stop_after,
+                    )
+                    if rec is None:
+                        continue
                     print(
                         f"  AESTETIK {dataset} {setting} seed {seed}: {rec['seconds']} s "
                         f"(cpu {rec['cpu_seconds']} s), {rec['peak_mb']} MB, load "

@@ -61,9 +61,9 @@ SCALINGS = ("standard", "minmax", "global")
 PseudoLabels = Literal["auto", "global", "per_sample"]
 PSEUDO_LABELS = ("auto", "global", "per_sample")
 # ``pseudo_labels='auto'`` switches to per-sample labels when the global ones explain more than
-# this fraction of the sample entropy (uncertainty coefficient U(sample | labels)). Measured on
-# the expression input (Harmony PCs, K-Means of window means): DLPFC Br8100 0.008 (morphology
-# 0.04), her2st A-E 0.29, where whole patients form their own clusters.
+# this fraction of the sample entropy (uncertainty coefficient U(sample | labels)). Measured by
+# grid_ae on the benchmark inputs (Harmony PCs; K-Means of window means): DLPFC Br8100 0.012
+# (morphology 0.067), her2st A-E 0.33 (window 3), where whole patients form their own clusters.
 SAMPLE_DEPENDENCE_LIMIT = 0.15
 
 
