@@ -223,32 +223,26 @@ def test_e2e_on_uncorrected_pcs_mixes_samples_and_finds_domains(cohort):
     assert mixing_out > mixing_in + 0.1
     assert per_sample_ari(cohort, latent) > 0.9
     assert "batch" in model.history[-1]
+
     # the same autoencoder without e2e's batch machinery, on global pseudo-labels (which follow
     # the samples here), keeps the samples apart
-    plain = models.fit_model(
-        cohort,
-        "grid_ae",
-        expression_key="X_pca",
-        morphology_key="X_morph",
-        n_pseudo_labels=N_DOMAINS,
-        window=3,
-        pseudo_labels="global",
-        key_added="X_plain",
-        **{**FAST, "steps": 200},
-    )
+    def grid_ae_on_uncorrected_pcs(**settings):
+        return models.fit_model(
+            cohort,
+            "grid_ae",
+            expression_key="X_pca",
+            morphology_key="X_morph",
+            n_pseudo_labels=N_DOMAINS,
+            window=3,
+            **{**FAST, "steps": 200},
+            **settings,
+        )
+
+    plain = grid_ae_on_uncorrected_pcs(pseudo_labels="global", key_added="X_plain")
     plain_mixing = ilisi(plain.get_latent(), samples)
     assert plain_mixing < mixing_out - 0.3
     # grid_ae's default ('auto') sees that and draws its triplets within each sample instead
-    auto = models.fit_model(
-        cohort,
-        "grid_ae",
-        expression_key="X_pca",
-        morphology_key="X_morph",
-        n_pseudo_labels=N_DOMAINS,
-        window=3,
-        key_added="X_auto",
-        **{**FAST, "steps": 200},
-    )
+    auto = grid_ae_on_uncorrected_pcs(key_added="X_auto")
     assert auto.train_params["pseudo_labels_e"] == "per_sample"
     assert auto.train_params["sample_dependence_e"] > 0.15
     assert ilisi(auto.get_latent(), samples) > plain_mixing + 0.2
