@@ -118,8 +118,8 @@ class ModelConfig:
     and domains come from that embedding (``obs['<name>_domain']``). ``morphology_weight``: α in
     [0, 3] of the paper's loss; ``window``: odd side of the neighbourhood window; ``steps``:
     optimiser steps. ``params`` go to the model as well (e.g. ``scaling``, ``batch_size``,
-    ``cross_sample_positives``, ``n_threads``, ``device``); the pseudo-label K defaults to
-    ``clustering.n_clusters``.
+    ``cross_sample_positives``, ``pseudo_labels``, ``n_threads``, ``device``); the pseudo-label K
+    defaults to ``clustering.n_clusters``.
     """
 
     name: str = "none"

@@ -64,6 +64,7 @@ def model_cache_key(integrate_key: str, model: Mapping, k: int) -> str:
     init, train = get_model(model["name"]).parameters()
     return stable_hash("model", integrate_key, dict(model), k, init, train)
 
+
 SPEC_FILE = "search.json"
 LEVELS = ("integrate", "model", "score")
 TABLE_METRICS = ("composite", "ari", "nmi", "asw_label", "ilisi", "kbet", "ari_donor")
