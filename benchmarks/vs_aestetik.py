@@ -68,9 +68,10 @@ MORPHOLOGY_WEIGHT = {"dlpfc": 1.5, "her2st": 0.0}
 SEEDS = (0, 1, 2)
 
 
-def _proc_status(field: str) -> float:
-    """A ``VmHWM``-style field of /proc/self/status in MB (peak RSS of this process alone)."""
-    with open("/proc/self/status") as fh:
+def _proc_status(field: str, pid: int | str = "self") -> float:
+    """A ``VmHWM``-style field of /proc/<pid>/status in MB (e.g. the peak RSS of that process
+    alone; the AESTETIK worker cannot import spatlas' ``peak_rss_mb``)."""
+    with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
@@ -266,14 +267,12 @@ def ensure_aestetik_venv() -> Path:
 def _proc_stats(pid: int) -> dict:
     """Peak RSS (MB) and CPU seconds of a running process (``/proc``; empty once it is gone)."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        peak = _proc_status("VmHWM", pid)
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return {}
-    hwm = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:"))
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-    return {"peak_mb": round(hwm / 1024), "cpu_seconds": cpu}
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return {"peak_mb": round(peak), "cpu_seconds": cpu}
 
 
 def _epochs_done(logs: Path, since: float) -> int:

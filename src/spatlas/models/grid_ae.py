@@ -73,18 +73,14 @@ def sample_dependence(labels: np.ndarray, samples: np.ndarray) -> float:
     0: every label is spread over the samples in their overall proportions; 1: each label lies
     in one sample. 0 when there is a single sample.
     """
-    labels = np.unique(np.asarray(labels), return_inverse=True)[1].ravel()
+    from scipy.stats import entropy
+    from sklearn.metrics import mutual_info_score
+
     samples = np.unique(np.asarray(samples), return_inverse=True)[1].ravel()
-    joint = np.zeros((labels.max() + 1, samples.max() + 1))
-    np.add.at(joint, (labels, samples), 1.0)
-    joint /= joint.sum()
-    p_l, p_s = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
-    h_s = -float(np.sum(p_s[p_s > 0] * np.log(p_s[p_s > 0])))
+    h_s = float(entropy(np.bincount(samples)))
     if h_s <= 0:
         return 0.0
-    nz = joint > 0
-    mutual = float(np.sum(joint[nz] * np.log(joint[nz] / (p_l @ p_s)[nz])))
-    return max(0.0, min(1.0, mutual / h_s))
+    return max(0.0, min(1.0, mutual_info_score(samples, np.asarray(labels)) / h_s))
 
 
 def window_mean(X: np.ndarray, table: np.ndarray, chunk: int = 65536) -> np.ndarray:
