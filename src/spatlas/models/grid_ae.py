@@ -490,26 +490,22 @@ class GridAE(BaseModel):
                 z, recon = module(torch.cat([x, mask], dim=1), groups[rows].to(dev))
                 rec_e = masked_l1(x[:, :de], recon[:, :de], mask)
                 rec_m = masked_l1(x[:, de:], recon[:, de:], mask)
-                tri_e = tri_m = zero
-                kwargs = {"generator": draws, "groups": groups[rows], "margin": margin}
-                if labels["e"] is not None:
-                    within = labels["within_e"]
-                    tri_e = multi_triplet_loss(
+
+                def triplets(key: str) -> torch.Tensor:
+                    if labels[key] is None:
+                        return zero
+                    within = labels[f"within_{key}"]
+                    return multi_triplet_loss(
                         z,
-                        labels["e"][rows],
+                        labels[key][rows],
+                        generator=draws,
+                        groups=groups[rows],
+                        margin=margin,
                         cross_sample=cross_sample_positives and not within,
                         within_sample=within,
-                        **kwargs,
                     )
-                if labels["m"] is not None:
-                    within = labels["within_m"]
-                    tri_m = multi_triplet_loss(
-                        z,
-                        labels["m"][rows],
-                        cross_sample=cross_sample_positives and not within,
-                        within_sample=within,
-                        **kwargs,
-                    )
+
+                tri_e, tri_m = triplets("e"), triplets("m")  # this order: one draw generator
                 total = alpha * (rec_weight * rec_m + triplet_weight * tri_m) + beta * (
                     rec_weight * rec_e + triplet_weight * tri_e
                 )
