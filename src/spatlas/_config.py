@@ -61,14 +61,38 @@ class PreprocessingConfig:
 
 
 @dataclass
+class AugmentationConfig:
+    """Neighbourhood-augmented expression before the PCA (``spatlas.pp.spatial_expression``).
+
+    When ``enabled``, each spot's normalised HVG expression is joined by the Gaussian-weighted
+    mean of its ``k_geom`` nearest spots and by its local gradient (``agf``), every block
+    z-scored within each sample (``scale_by``), weighted by ``lam`` (λ: the neighbourhood's
+    share, 0-1) and reduced to ``n_comps`` PCs -> ``obsm['X_spatial_pca']``, which the
+    integration step then reads instead of ``X_pca``. ``normalisation`` of the counts: ``log``
+    (the shifted logarithm at the mean depth) | ``sqrt`` | ``pearson`` | ``relative``.
+    """
+
+    enabled: bool = True
+    lam: float = 0.2
+    normalisation: str = "log"
+    k_geom: int = 18
+    agf: bool = True
+    scale_by: str | None = "sample"
+    n_comps: int = 20
+
+
+@dataclass
 class IntegrationConfig:
     """Horizontal integration of the expression PCs; see ``spatlas.pp.integrate``.
 
-    ``method``: ``harmony`` | ``scanorama`` | ``scvi`` | ``none``; ``params`` go to the method
-    (``theta``, ``sigma``, ``n_layers``, ``max_epochs``, ...).
+    ``method``: ``auto`` | ``harmony`` | ``scanorama`` | ``scvi`` | ``none``; ``params`` go to
+    the method (``theta``, ``sigma``, ``n_layers``, ``max_epochs``, ...). ``auto`` is ``none``
+    when the ``augmentation`` step runs (its blocks are already z-scored within each sample,
+    and Harmony on top over-corrects cohorts whose samples differ in composition) and
+    ``harmony`` otherwise.
     """
 
-    method: str = "harmony"
+    method: str = "auto"
     batch_key: str = "sample"
     params: dict = field(default_factory=dict)
 
@@ -141,7 +165,7 @@ class ClusteringConfig:
 
     method: str = "kmeans"
     n_clusters: int | str | None = None
-    refine: bool = True
+    refine: bool | str = "auto"
     refine_k: int = 10
 
 
@@ -190,6 +214,7 @@ class Config:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     integration: IntegrationConfig = field(default_factory=IntegrationConfig)
     morphology: MorphologyConfig = field(default_factory=MorphologyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

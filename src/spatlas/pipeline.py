@@ -160,13 +160,14 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
         )
     with _step("preprocess", steps):
         preprocess(config, adata)
-    integ = config.integration
-    if integ.method == "none":
-        basis, method_name = K.PCA, "pca"
+    method = integration_method(config)
+    if method == "none":
+        basis = expression_basis(config)
+        method_name = "spatial" if basis == K.SPATIAL_PCA else "pca"
     else:
         with _step("integrate", steps):
             basis = integrate(config, adata)
-        method_name = integ.method
+        method_name = method
     morph = config.morphology
     if morph.enabled:
         with _step("morphology", steps):
@@ -179,8 +180,9 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
         basis, method_name = K.embedding_key(config.model.name), config.model.name
     domain_key = K.domain_key(method_name)
     clus = config.clustering
+    refine = refine_labels(config)
     with _step("cluster", steps):
-        raw_key = f"{domain_key}_unrefined" if clus.refine else domain_key
+        raw_key = f"{domain_key}_unrefined" if refine else domain_key
         tl.cluster(
             adata,
             basis=basis,
@@ -189,7 +191,7 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
             seed=config.seed,
             key_added=raw_key,
         )
-        if clus.refine:
+        if refine:
             tl.refine(adata, key=raw_key, k=clus.refine_k, key_added=domain_key)
     table = None
     if K.LABEL in adata.obs and adata.obs[K.LABEL].notna().any():
@@ -231,8 +233,38 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
     )
 
 
+def augmented(config: Config) -> bool:
+    """Whether the ``augmentation`` step runs (enabled with λ > 0)."""
+    return config.augmentation.enabled and config.augmentation.lam > 0
+
+
+def expression_basis(config: Config) -> str:
+    """The ``obsm`` key of the expression PCs the integration reads: augmented or plain."""
+    return K.SPATIAL_PCA if augmented(config) else K.PCA
+
+
+def integration_method(config: Config) -> str:
+    """``integration.method`` with ``auto`` resolved (``none`` after augmentation, else Harmony)."""
+    method = config.integration.method
+    if method == "auto":
+        return "none" if augmented(config) else "harmony"
+    return method
+
+
+def refine_labels(config: Config) -> bool:
+    """``clustering.refine`` with ``auto`` resolved: off after augmentation, else on.
+
+    The augmented embedding already holds each spot's neighbourhood; a second smoothing of the
+    labels erases domains one or two spots thin (the olfactory bulb's layers).
+    """
+    refine = config.clustering.refine
+    if refine == "auto":
+        return not augmented(config)
+    return bool(refine)
+
+
 def preprocess(config: Config, adata: ad.AnnData) -> None:
-    """The ``preprocessing`` section applied to ``adata`` (in place)."""
+    """The ``preprocessing`` and ``augmentation`` sections applied to ``adata`` (in place)."""
     from . import pp
 
     prep = config.preprocessing
@@ -247,18 +279,33 @@ def preprocess(config: Config, adata: ad.AnnData) -> None:
         n_comps=prep.n_comps,
         seed=config.seed,
     )
+    aug = config.augmentation
+    if augmented(config):
+        pp.spatial_expression(
+            adata,
+            lam=aug.lam,
+            k_geom=aug.k_geom,
+            agf=aug.agf,
+            normalisation=aug.normalisation,
+            scale_by=aug.scale_by,
+            n_comps=aug.n_comps,
+            seed=config.seed,
+        )
 
 
 def integrate(config: Config, adata: ad.AnnData, *, key_added: str | None = None) -> str:
-    """The ``integration`` section on ``obsm['X_pca']``; returns the obsm key written."""
+    """The ``integration`` section on the expression PCs; returns the obsm key written.
+
+    Reads ``obsm['X_spatial_pca']`` when the ``augmentation`` step ran, else ``obsm['X_pca']``.
+    """
     from . import pp
 
     integ = config.integration
     return pp.integrate(
         adata,
-        basis=K.PCA,
+        basis=expression_basis(config),
         batch_key=integ.batch_key,
-        method=integ.method,
+        method=integration_method(config),
         seed=config.seed,
         key_added=key_added,
         **integ.params,

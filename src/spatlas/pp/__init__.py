@@ -15,6 +15,12 @@ from ._neighbourhoods import (
     neighbourhood_table,
     window_offsets,
 )
+from ._spatial_expression import (
+    augment_expression,
+    neighbourhood_weights,
+    normalise_counts,
+    spatial_expression,
+)
 from .morphology import (
     fit_stain_normalizer,
     get_extractor,
@@ -27,6 +33,7 @@ from .morphology import (
 __all__ = [
     "IntegrationMethod",
     "PCAResult",
+    "augment_expression",
     "build_neighbourhoods",
     "detect_layout",
     "fit_stain_normalizer",
@@ -39,9 +46,12 @@ __all__ = [
     "morphology_embedding",
     "morphology_features",
     "neighbourhood_table",
+    "neighbourhood_weights",
+    "normalise_counts",
     "preprocess_expression",
     "register_extractor",
     "register_integration",
     "scaled_pca",
+    "spatial_expression",
     "window_offsets",
 ]

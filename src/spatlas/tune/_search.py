@@ -115,7 +115,7 @@ def tune(
     -------
     SearchResult
     """
-    integ, model = config.integration.method, config.model.name or "none"
+    integ, model = _pipeline().integration_method(config), config.model.name or "none"
     name = integ if model == "none" else f"{integ}+{model}"
     return search(
         config,
@@ -667,3 +667,9 @@ def read_search(out: str | Path) -> dict[str, Any]:
         path = out / f"{name}.csv"
         tables[name] = pd.read_csv(path) if path.exists() else None
     return tables
+
+
+def _pipeline():
+    from .. import pipeline
+
+    return pipeline

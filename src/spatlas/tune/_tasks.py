@@ -78,13 +78,13 @@ def run_task(task: dict) -> dict:
 
 
 def _integrate(task: dict) -> None:
-    from ..pipeline import integrate
+    from ..pipeline import expression_basis, integrate, integration_method
     from ._grid import validate
 
     config = validate(task["config"])
     adata = _side(task["side"])
-    if config.integration.method == "none":
-        out = np.asarray(adata.obsm[K.PCA])
+    if integration_method(config) == "none":
+        out = np.asarray(adata.obsm[expression_basis(config)])
     else:
         out = adata.obsm[integrate(config, adata, key_added=INPUT)]
     _save_array(Path(task["output"]), out)
@@ -103,14 +103,16 @@ def _model(task: dict) -> None:
 
 def _score(task: dict) -> None:
     from .. import metrics, tl
+    from ..pipeline import refine_labels
     from ._grid import validate
 
     config = validate(task["config"])
     adata = _side(task["side"])
     adata.obsm[INPUT] = np.load(task["input"])
     clus = config.clustering
+    refine = refine_labels(config)
     key = "tune_domain"
-    raw = f"{key}_unrefined" if clus.refine else key
+    raw = f"{key}_unrefined" if refine else key
     tl.cluster(
         adata,
         basis=INPUT,
@@ -119,7 +121,7 @@ def _score(task: dict) -> None:
         seed=config.seed,
         key_added=raw,
     )
-    if clus.refine:
+    if refine:
         tl.refine(adata, key=raw, k=clus.refine_k, key_added=key)
     table = metrics.evaluate(
         adata,
