@@ -534,11 +534,13 @@ def prepare(dataset: str) -> Path:
             "sample": cohort.obs["sample"].astype(str).to_numpy(),
             "donor": cohort.obs["donor"].astype(str).to_numpy(),
             "label": pd.Categorical(label.to_numpy()),
-            "array_row": cohort.obs["array_row"].to_numpy(),
-            "array_col": cohort.obs["array_col"].to_numpy(),
         },
         index=cohort.obs_names.astype(str),
     )
+    for key, legacy in (("array_row", "x"), ("array_col", "y")):  # her2st: x / y
+        source = key if key in cohort.obs else legacy
+        if source in cohort.obs:
+            obs[key] = cohort.obs[source].to_numpy()
     out = ad.AnnData(
         X=sp.csr_matrix(cohort.X, dtype=np.float32),
         obs=obs,
