@@ -289,6 +289,8 @@ PIPELINE = {
     "preprocessing": {"n_top_genes": 100, "n_comps": 10},
     "clustering": {"method": "kmeans", "n_clusters": 4},
     "model": {"name": "grid_ae", "window": 3, "steps": 40, "params": {"batch_size": 128}},
+    # the paper's path: the model on the (Harmony-corrected) plain PCs
+    "augmentation": {"enabled": False},
 }
 
 

@@ -65,7 +65,9 @@ def test_run_writes_the_run_folder(cohort_config, tmp_path):
         metrics.loc[metrics["sample"].isin(["A", "B"]), "ari"].mean()
     )
     domains = pd.read_csv(out / "domains.csv")
-    assert domains["harmony_domain"].nunique() == 5
+    # the default pipeline: augmented expression, no Harmony on top, no refinement
+    assert domains["spatial_domain"].nunique() == 5
+    assert resolved["augmentation"]["enabled"] is True
     assert "step evaluate done" in (out / "run.log").read_text()
     assert not list(tmp_path.glob(".run.partial-*"))
 
@@ -73,8 +75,9 @@ def test_run_writes_the_run_folder(cohort_config, tmp_path):
 def test_same_seed_gives_identical_labels_and_metrics(cohort_config):
     config = load_config(cohort_config)
     first, second = run(config), run(config)
+    assert first.domain_key == "spatial_domain"
     pd.testing.assert_series_equal(
-        first.adata.obs["harmony_domain"], second.adata.obs["harmony_domain"]
+        first.adata.obs["spatial_domain"], second.adata.obs["spatial_domain"]
     )
     pd.testing.assert_frame_equal(first.metrics, second.metrics)
     other = run(load_config(cohort_config, ["seed=5"]))
@@ -84,7 +87,12 @@ def test_same_seed_gives_identical_labels_and_metrics(cohort_config):
 def test_overrides_change_the_config(cohort_config):
     config = load_config(
         cohort_config,
-        ["clustering.n_clusters=3", "clustering.refine=false", "preprocessing.n_comps=8"],
+        [
+            "clustering.n_clusters=3",
+            "clustering.refine=false",
+            "preprocessing.n_comps=8",
+            "augmentation.enabled=false",
+        ],
     )
     result = run(config)
     assert result.adata.obs["harmony_domain"].nunique() == 3
@@ -92,14 +100,29 @@ def test_overrides_change_the_config(cohort_config):
     assert result.adata.obsm[K.PCA].shape[1] == 8
 
 
+@pytest.mark.parametrize("augment", [False, True])
 @pytest.mark.parametrize("method", ["none", "scanorama"])
-def test_integration_method_is_chosen_by_name(cohort_config, method):
-    result = run(load_config(cohort_config, [f"integration.method={method}"]))
-    key = "pca_domain" if method == "none" else f"{method}_domain"
+def test_integration_method_is_chosen_by_name(cohort_config, method, augment):
+    overrides = [f"integration.method={method}", f"augmentation.enabled={str(augment).lower()}"]
+    result = run(load_config(cohort_config, overrides))
+    basis = K.SPATIAL_PCA if augment else K.PCA
+    key = (
+        ("spatial_domain" if augment else "pca_domain") if method == "none" else f"{method}_domain"
+    )
     assert result.domain_key == key
     assert result.adata.obs[key].nunique() == 5
     if method != "none":
-        assert result.adata.obsm[f"X_pca_{method}"].shape == result.adata.obsm[K.PCA].shape
+        assert result.adata.obsm[f"{basis}_{method}"].shape == result.adata.obsm[basis].shape
+
+
+def test_refine_and_augmentation_settings_are_checked_before_running(cohort_config):
+    for override, match in (
+        ("clustering.refine=maybe", "true, false or auto"),
+        ("augmentation.lam=2", "augmentation.lam"),
+        ("augmentation.normalisation=vst", "augmentation.normalisation"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            run(load_config(cohort_config, [override]))
 
 
 def test_failed_run_leaves_existing_folder_untouched(cohort_config, tmp_path):

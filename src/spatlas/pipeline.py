@@ -142,6 +142,7 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
     from . import io, metrics, tl
 
     steps: list[dict] = []
+    check_config(config)
     if _uses_model(config):  # a bad model name or setting fails before the slow steps
         from . import models
 
@@ -260,7 +261,26 @@ def refine_labels(config: Config) -> bool:
     refine = config.clustering.refine
     if refine == "auto":
         return not augmented(config)
-    return bool(refine)
+    if not isinstance(refine, bool):
+        raise ConfigError(f"clustering.refine must be true, false or auto; got {refine!r}")
+    return refine
+
+
+def check_config(config: Config) -> None:
+    """Settings that only a run can judge, checked before any slow step (ConfigError)."""
+    from .pp._spatial_expression import NORMALISATIONS
+
+    aug = config.augmentation
+    if not 0.0 <= aug.lam <= 1.0:
+        raise ConfigError(f"augmentation.lam must lie in [0, 1]; got {aug.lam}")
+    if aug.normalisation not in NORMALISATIONS:
+        raise ConfigError(
+            f"augmentation.normalisation must be one of {', '.join(NORMALISATIONS)}; "
+            f"got {aug.normalisation!r}"
+        )
+    if aug.k_geom < 1:
+        raise ConfigError(f"augmentation.k_geom must be at least 1; got {aug.k_geom}")
+    refine_labels(config)
 
 
 def preprocess(config: Config, adata: ad.AnnData) -> None:
