@@ -30,8 +30,13 @@ Normalisation = Literal["pearson", "relative", "log", "sqrt"]
 NORMALISATIONS = ("pearson", "relative", "log", "sqrt")
 
 
-def _knn(coords: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Distances and indices of the ``k`` nearest other points (self dropped), each ``(n, k)``."""
+def knn(coords: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and indices of the ``k`` nearest other points of every point, each ``(n, k)``.
+
+    Self is dropped by index, not by position, so duplicated coordinates are handled (where self
+    did not come back among ties, the farthest is dropped instead); ``k`` is capped at ``n - 1``.
+    Among equidistant candidates the KD-tree's order decides, deterministic for a given input.
+    """
     n = coords.shape[0]
     k = min(k, n - 1)
     dist, idx = cKDTree(coords).query(coords, k=k + 1)
@@ -66,7 +71,7 @@ def neighbourhood_weights(
             continue
         xy = coords[where]
         for name, kk in (("w", k), ("agf", 2 * k)):
-            dist, idx = _knn(xy, kk)
+            dist, idx = knn(xy, kk)
             sigma = np.median(dist, axis=1, keepdims=True)
             sigma[sigma == 0] = 1.0
             w = np.exp(-(dist**2) / (2 * sigma**2))

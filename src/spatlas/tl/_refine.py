@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from scipy.spatial import cKDTree
 
 from .. import _keys as K
 from .._errors import SpatlasInputError
@@ -21,14 +20,9 @@ def _spatial_neighbours(coords: np.ndarray, k: int) -> np.ndarray:
     equidistant candidates (hex and square lattices) the KD-tree's order decides, which is
     deterministic for a given input.
     """
-    n = coords.shape[0]
-    _, idx = cKDTree(coords).query(coords, k=k + 1)
-    idx = idx.reshape(n, k + 1)
-    is_self = idx == np.arange(n)[:, None]
-    # Rows where self did not come back (ties with duplicates): drop the farthest instead.
-    is_self[~is_self.any(axis=1), -1] = True
-    # A row can hold self only once, so exactly one entry per row is dropped.
-    return idx[~is_self].reshape(n, k)
+    from ..pp._spatial_expression import knn
+
+    return knn(coords, k)[1]
 
 
 def _vote(votes: np.ndarray) -> np.ndarray:
