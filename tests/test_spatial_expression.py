@@ -1,14 +1,16 @@
 """Neighbourhood-augmented expression (``spatlas.pp.spatial_expression``) and its defaults."""
 
+import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from sklearn.metrics import adjusted_rand_score
 
 import spatlas
 from spatlas import pipeline
-from spatlas._config import config_from_dict
-from spatlas._errors import SpatlasInputError
+from spatlas._config import config_from_dict, config_to_dict
+from spatlas._errors import ConfigError, SpatlasInputError
 from spatlas.pp import augment_expression, neighbourhood_weights, normalise_counts
 
 
@@ -128,3 +130,67 @@ def test_default_pipeline_resolves_auto_settings():
     )
     assert pipeline.integration_method(explicit) == "scanorama"
     assert pipeline.refine_labels(explicit) is True
+
+
+def test_morphology_weight_follows_what_the_image_sees():
+    rng = np.random.default_rng(0)
+    n = 600
+    groups = np.repeat(["a", "b"], n // 2)
+    labels = np.tile(np.repeat([0, 1, 2], n // 6), 2)
+    expression = np.eye(3)[labels] * 3 + rng.normal(size=(n, 3))
+    seeing = np.eye(3)[labels] * 2 + rng.normal(size=(n, 3))  # the image shows the domains
+    blind = rng.normal(size=(n, 3))  # the image shows nothing of them
+    r2_seeing = spatlas.tl.explained_share(seeing, labels, groups)
+    r2_blind = spatlas.tl.explained_share(blind, labels, groups)
+    assert r2_seeing > 0.4 and r2_blind < 0.02
+    adata = anndata.AnnData(obs=pd.DataFrame({"sample": groups}, index=[str(i) for i in range(n)]))
+    adata.obsm["E"], adata.obsm["M"] = expression, seeing
+    w = spatlas.tl.fuse_morphology(
+        adata, expression_key="E", morphology_key="M", labels=labels, key_added="F"
+    )
+    assert w == pytest.approx(r2_seeing / 2, rel=1e-6)
+    assert adata.obsm["F"].shape == (n, 6)
+    adata.obsm["M"] = blind
+    assert (
+        spatlas.tl.fuse_morphology(adata, expression_key="E", morphology_key="M", labels=labels)
+        < 0.01
+    )
+    # weight 0: the expression embedding itself
+    np.testing.assert_array_equal(
+        spatlas.tl.fuse_embeddings(expression, blind, 0.0), expression.astype(np.float32)
+    )
+    adata.obsm["M"] = blind.copy()
+    adata.obsm["M"][0, 0] = np.nan
+    with pytest.raises(SpatlasInputError, match="NaN"):
+        spatlas.tl.fuse_morphology(adata, expression_key="E", morphology_key="M", weight=0.5)
+    with pytest.raises(SpatlasInputError, match="needs expression-only labels"):
+        adata.obsm["M"] = blind
+        spatlas.tl.fuse_morphology(adata, expression_key="E", morphology_key="M")
+
+
+def test_pipeline_fuses_morphology_only_as_far_as_it_helps(tmp_path):
+    config = config_from_dict(
+        {
+            "data": {"dataset": "synthetic", "dataset_params": {"n_spots": 300, "n_genes": 120}},
+            "preprocessing": {"n_top_genes": 100, "n_comps": 10},
+            "clustering": {"n_clusters": 4},
+            "morphology": {"enabled": True},
+        }
+    )
+    result = pipeline.run(config)
+    fusion = result.adata.uns["spatlas"]["fusion"]
+    assert fusion["weight"] == pytest.approx(fusion["r2"] / 2)
+    assert "fuse" in set(result.timings["step"])
+    assert result.domain_key == "spatial_domain"
+    off = pipeline.run(
+        config_from_dict(
+            {**config_to_dict(config), "clustering": {"n_clusters": 4, "morphology_weight": 0}}
+        )
+    )
+    assert "fusion" not in off.adata.uns["spatlas"]
+    with pytest.raises(ConfigError, match="morphology_weight"):
+        pipeline.run(
+            config_from_dict(
+                {**config_to_dict(config), "clustering": {"morphology_weight": "much"}}
+            )
+        )

@@ -160,13 +160,18 @@ class ClusteringConfig:
     """Domain calling on the final embedding; see ``spatlas.tl.cluster`` and ``spatlas.tl.refine``.
 
     ``n_clusters``: a number, ``auto`` (chosen from the data), or empty for the number of label
-    classes when the cohort has labels (``auto`` otherwise).
+    classes when the cohort has labels (``auto`` otherwise). ``refine``: ``true`` | ``false`` |
+    ``auto`` (off after the augmentation, on without it). ``morphology_weight``: when the
+    ``morphology`` section runs and no fusion model is set, the morphology embedding joins the
+    expression embedding for clustering at this weight (``auto``: half the share of its variance
+    that the expression-only domains explain; ``0``: never); see ``spatlas.tl.fuse_morphology``.
     """
 
     method: str = "kmeans"
     n_clusters: int | str | None = None
     refine: bool | str = "auto"
     refine_k: int = 10
+    morphology_weight: float | str = "auto"
 
 
 @dataclass

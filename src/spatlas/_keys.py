@@ -15,6 +15,7 @@ LABEL = "label"  # ground-truth domain annotation, when the cohort has one
 SPATIAL = "spatial"  # obsm: full-resolution pixels (x, y); uns: per-sample images + scalefactors
 PCA = "X_pca"
 SPATIAL_PCA = "X_spatial_pca"  # PCA of the neighbourhood-augmented expression
+FUSED = "X_fused"  # expression embedding joined by the weighted morphology embedding
 MORPH_FEATURES = "X_morph_features"  # raw patch features (float32, one column per feature)
 MORPH_PCA = "X_morph_pca"  # PCA of the pooled standardised morphology features
 MORPH_HARMONY = "X_morph_harmony"  # the morphology PCs corrected by Harmony on the sample

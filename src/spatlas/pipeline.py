@@ -179,6 +179,9 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
         with _step("model", steps):
             fitted = _fit_model(config, adata, basis)
         basis, method_name = K.embedding_key(config.model.name), config.model.name
+    if morph.enabled and fitted is None:
+        with _step("fuse", steps):
+            basis = fuse_morphology(config, adata, basis)
     domain_key = K.domain_key(method_name)
     clus = config.clustering
     refine = refine_labels(config)
@@ -266,6 +269,14 @@ def refine_labels(config: Config) -> bool:
     return refine
 
 
+def _check_morphology_weight(config: Config) -> None:
+    weight = config.clustering.morphology_weight
+    if weight != "auto" and (isinstance(weight, str) or weight < 0):
+        raise ConfigError(
+            f"clustering.morphology_weight must be a number >= 0 or auto; got {weight!r}"
+        )
+
+
 def check_config(config: Config) -> None:
     """Settings that only a run can judge, checked before any slow step (ConfigError)."""
     from .pp._spatial_expression import NORMALISATIONS
@@ -281,6 +292,7 @@ def check_config(config: Config) -> None:
     if aug.k_geom < 1:
         raise ConfigError(f"augmentation.k_geom must be at least 1; got {aug.k_geom}")
     refine_labels(config)
+    _check_morphology_weight(config)
 
 
 def preprocess(config: Config, adata: ad.AnnData) -> None:
@@ -367,6 +379,43 @@ def morphology_embedding(config: Config, adata: ad.AnnData) -> None:
         seed=config.seed,
         **morph.params,
     )
+
+
+def morphology_key(config: Config, adata: ad.AnnData) -> str:
+    """The obsm key of the morphology embedding the model or the clustering reads."""
+    key = config.model.morphology_key
+    return key if key in adata.obsm else K.MORPH_PCA
+
+
+def fuse_morphology(config: Config, adata: ad.AnnData, basis: str) -> str:
+    """The morphology embedding joins ``basis`` at ``clustering.morphology_weight``.
+
+    Returns the obsm key to cluster (``basis`` itself when the weight is 0).
+    """
+    from . import tl
+
+    weight = config.clustering.morphology_weight
+    if weight == 0:
+        return basis
+    labels = None
+    if weight == "auto":
+        tl.cluster(
+            adata,
+            basis=basis,
+            method=config.clustering.method,
+            n_clusters=_n_clusters(config, adata),
+            seed=config.seed,
+            key_added="expression_only_domain",
+        )
+        labels = adata.obs["expression_only_domain"].to_numpy()
+    used = tl.fuse_morphology(
+        adata,
+        expression_key=basis,
+        morphology_key=morphology_key(config, adata),
+        weight=weight,
+        labels=labels,
+    )
+    return K.FUSED if used > 0 else basis
 
 
 def _write_report(stage: Path, adata: ad.AnnData) -> None:
