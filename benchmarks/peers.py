@@ -107,7 +107,7 @@ VENV_SPECS = {
 # the distributions whose versions a run records
 VERSION_OF = {
     "banksy": ["pybanksy", "harmonypy", "scanpy", "leidenalg"],
-    "cellcharter": ["cellcharter", "squidpy", "harmonypy", "torchgmm", "torch", "scanpy"],
+    "cellcharter": ["cellcharter", "squidpy", "harmonypy", "torchgmm", "torch", "scanpy", "scvi-tools"],
     "graphst": ["graphst-modern", "GraphST", "torch", "scanpy", "leidenalg"],
     "novae": ["novae", "torch", "scanpy"],
 }
@@ -912,6 +912,17 @@ def _version(rec: dict) -> str:
     return text
 
 
+def _short(status: str) -> str:
+    """A stopped run's status without its log tail (but with the epochs a progress bar shows)."""
+    import re
+
+    if "so far)" not in status:
+        return status[:600]
+    head = status[: status.index("so far)") + len("so far)")]
+    bars = re.findall(r"(\d+)/(\d+) \[", status)
+    return head + (f"; progress bar at {bars[-1][0]} of {bars[-1][1]}" if bars else "")
+
+
 def tables(records: list[dict]) -> tuple:
     import pandas as pd
 
@@ -972,7 +983,7 @@ def tables(records: list[dict]) -> tuple:
         parts.append(head + "\n\n" + markdown_table(pd.DataFrame(out)))
     if failures:
         lines = [
-            f"- {r['peer']} {r['recipe']} on {r['dataset']} seed {r['seed']}: {r['status']}"
+            f"- {r['peer']} {r['recipe']} on {r['dataset']} seed {r['seed']}: {_short(r['status'])}"
             for r in failures
         ]
         parts.append("## Runs that failed or could not run\n\n" + "\n".join(lines) + "\n")
