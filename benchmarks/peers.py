@@ -107,7 +107,15 @@ VENV_SPECS = {
 # the distributions whose versions a run records
 VERSION_OF = {
     "banksy": ["pybanksy", "harmonypy", "scanpy", "leidenalg"],
-    "cellcharter": ["cellcharter", "squidpy", "harmonypy", "torchgmm", "torch", "scanpy", "scvi-tools"],
+    "cellcharter": [
+        "cellcharter",
+        "squidpy",
+        "harmonypy",
+        "torchgmm",
+        "torch",
+        "scanpy",
+        "scvi-tools",
+    ],
     "graphst": ["graphst-modern", "GraphST", "torch", "scanpy", "leidenalg"],
     "novae": ["novae", "torch", "scanpy"],
 }
