@@ -21,6 +21,7 @@ DATASETS = {
     "dlpfc3837": {"k": 7, "annotated": ["151673", "151674", "151675", "151676"], "exclude": []},
     "her2st": {"k": 6, "annotated": ["A1", "B1", "C1", "D1", "E1"], "exclude": ["undetermined"]},
     "mob": {"k": 5, "annotated": ["MOB_Rep11", "MOB_Rep12"], "exclude": []},
+    "her2st_a": {"k": 5, "annotated": ["A1"], "exclude": ["undetermined"]},
     "synthetic": {
         "k": 5,
         "annotated": [f"d{d}_s{s}" for d in range(3) for s in range(2)],
@@ -43,6 +44,8 @@ def load_dataset(name: str):
     - ``her2st``: patients A-E, 27 sections, 18,758 genes (no images in the cohort).
     - ``mob``: the two mouse olfactory bulb sections with their full H&E (~2,320 px, a spot about
       34 px) and five expert layers; square legacy-ST lattice.
+    - ``her2st_a``: her2st patient A's sections A1 (annotated) and A2 with the 2,000 px H&E
+      images of ``../shared/data/her2st/images`` (a spot about 31 px).
     - ``synthetic``: ``spatlas.datasets.synthetic_cohort(seed=0)`` (3 donors x 2 samples).
     """
     import spatlas
@@ -63,6 +66,8 @@ def load_dataset(name: str):
         return load_cohort(Config(data=data))
     if name == "mob":
         return _mob()
+    if name == "her2st_a":
+        return _her2st_a()
     if name == "synthetic":
         return spatlas.datasets.synthetic_cohort(seed=0)
     raise ValueError(f"unknown dataset {name}")
@@ -121,6 +126,45 @@ def _mob():
         parts.append(
             spatlas.io._h5ad.standardise_h5ad_sample(
                 sub, sample=sample, donor="mouse", fullres_image=image, where=f"mob {sample}"
+            )
+        )
+    return spatlas.io.concat_samples(parts)
+
+
+# her2st A1 / A2: originals 6,954 / 6,966 px wide, the shipped images 2,000 px (data README)
+HER2ST_A_WIDTH = {"A1": 6954, "A2": 6966}
+
+
+def _her2st_a():
+    """her2st A1 and A2 with their 2,000 px H&E (pixel_x, pixel_y rescaled to the image)."""
+    import anndata as ad
+    from scipy.spatial import cKDTree
+
+    import spatlas
+    from spatlas import _keys as K
+
+    raw = ad.read_h5ad(SHARED / "her2st" / "her2st_patientsA-E_counts.h5ad")
+    parts = []
+    for sample, width in HER2ST_A_WIDTH.items():
+        sub = raw[raw.obs["section"].astype(str).to_numpy() == sample].copy()
+        sub.X = sub.X.astype(np.float32)
+        sub.obs[K.ARRAY_ROW] = sub.obs["y"].astype(int).to_numpy()
+        sub.obs[K.ARRAY_COL] = sub.obs["x"].astype(int).to_numpy()
+        label = sub.obs["label"].astype(object)
+        sub.obs[K.LABEL] = label.where(label.notna() & (label != "NA"))
+        xy = np.asarray(sub.obs[["pixel_x", "pixel_y"]], dtype=np.float64) * (2000 / width)
+        sub.obsm[K.SPATIAL] = xy
+        pitch = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
+        sub.uns[K.SPATIAL] = {
+            sample: {
+                K.IMAGES: {},
+                K.SCALEFACTORS: {K.SPOT_DIAMETER: LEGACY_ST_SPOT_PER_PITCH * pitch},
+            }
+        }
+        image = SHARED / "her2st" / "images" / f"{sample}_HE_image_dark.png"
+        parts.append(
+            spatlas.io._h5ad.standardise_h5ad_sample(
+                sub, sample=sample, donor="A", fullres_image=image, where=f"her2st {sample}"
             )
         )
     return spatlas.io.concat_samples(parts)

@@ -5,10 +5,12 @@ refinement) run with the ``morphology`` section off, and on with handcrafted fea
 (Reinhard-normalised, PCA 20, Harmony on sample) joining the clustering at the label-free
 ``clustering.morphology_weight: auto`` (``R² / 2``, see ``spatlas.tl.fuse_morphology``), and at
 fixed weights for reference. Data: DLPFC Br8100 (the demo: bundled 600 px lowres images, a spot
-~4 px), the two MOB sections with their full-resolution H&E (a spot ~34 px), the synthetic
-cohort (planted morphology). Mean per-sample ARI over K-Means seeds 0-2 (the pipeline seed).
+~4 px), the two MOB sections with their full-resolution H&E (a spot ~34 px), her2st A1 + A2 with
+their 2,000 px images (a spot ~29 px; A1 annotated, K = its 5 classes), the synthetic cohort
+(planted morphology). Mean per-sample ARI over K-Means seeds 0-2 (the pipeline seed).
 
     python benchmarks/morphology_weight.py               # writes results/morphology_weight.md
+    python benchmarks/morphology_weight.py mob           # some datasets (table not written)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(HERE))
 from _common import DATASETS, RESULTS, load_dataset, markdown_table  # noqa: E402
 
 SEEDS = (0, 1, 2)
+DATASETS_HERE = ("dlpfc", "mob", "her2st_a", "synthetic")
 FIXED = (0.1, 0.25, 0.5)
 
 
@@ -44,8 +47,9 @@ def main() -> None:
     from spatlas import pipeline
     from spatlas._config import config_from_dict
 
+    datasets = sys.argv[1:] or list(DATASETS_HERE)
     rows = []
-    for dataset in ("dlpfc", "mob", "synthetic"):
+    for dataset in datasets:
         info = DATASETS[dataset]
         base = load_dataset(dataset)
         for seed in SEEDS:
@@ -88,6 +92,9 @@ def main() -> None:
             print(row, flush=True)
             rows.append(row)
     table = pd.DataFrame(rows)
+    if sys.argv[1:]:
+        print(table.drop(columns="seed").groupby("dataset", sort=False).mean())
+        return
     table.to_csv(RESULTS / "morphology_weight.csv", index=False, float_format="%.4f")
     summary = table.drop(columns="seed").groupby("dataset", sort=False).mean().reset_index()
     text = (
