@@ -194,3 +194,16 @@ def test_pipeline_fuses_morphology_only_as_far_as_it_helps(tmp_path):
                 {**config_to_dict(config), "clustering": {"morphology_weight": "much"}}
             )
         )
+
+
+def test_streamed_pca_matches_the_dense_one(cohort):
+    dense, streamed = cohort.copy(), cohort.copy()
+    for normalisation in ("log", "pearson"):
+        spatlas.pp.spatial_expression(dense, lam=0.2, n_comps=6, normalisation=normalisation)
+        spatlas.pp.spatial_expression(
+            streamed, lam=0.2, n_comps=6, normalisation=normalisation, max_dense_gb=0
+        )
+        a, b = dense.obsm["X_spatial_pca"], streamed.obsm["X_spatial_pca"]
+        for j in range(3):  # the leading components, well separated
+            assert np.corrcoef(a[:, j], b[:, j])[0, 1] > 0.999
+        np.testing.assert_allclose(np.abs(a[:, 0]), np.abs(b[:, 0]), rtol=1e-3, atol=1e-3)

@@ -19,6 +19,7 @@ from typing import Literal
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
@@ -110,8 +111,12 @@ def normalise_counts(
     """Dense float32 normalised expression of a (spots x genes) count matrix.
 
     ``pearson``: analytic Pearson residuals ``(x - μ) / sqrt(μ + μ²/θ)`` with ``μ`` = spot total
-    × gene share **within the spot's group**, clipped to ``±sqrt(n)``; ``relative``: counts per
-    ``target_sum`` (no log; BANKSY's input); ``log``: log1p of those.
+    × gene share **within the spot's group**, clipped to ``±sqrt(n)`` (``n`` the group's
+    spots); ``relative``: counts per ``target_sum`` (no log; BANKSY's input); ``log``: log1p of
+    those; ``sqrt``: their square root. ``target_sum`` ``None``: the mean spot total, which makes
+    ``log`` the shifted logarithm ``log(x/s + 1)`` with size factors ``s`` = spot total / mean
+    total (Ahlmann-Eltze & Huber, Nat Methods 2023): a pseudocount of one count at the average
+    depth instead of a fraction of one at 10,000.
     """
     if method not in NORMALISATIONS:
         raise SpatlasInputError(
@@ -119,7 +124,6 @@ def normalise_counts(
         )
     X = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
     X = X.astype(np.float32, copy=True)
-    n = X.shape[0]
     totals = X.sum(axis=1, keepdims=True)
     if method in ("relative", "log", "sqrt"):
         if target_sum is None:
@@ -128,8 +132,7 @@ def normalise_counts(
         if method == "log":
             return np.log1p(X, out=X)
         return np.sqrt(X, out=X) if method == "sqrt" else X
-    groups = np.zeros(n, dtype=int) if groups is None else np.asarray(groups)
-    clip = float(np.sqrt(n))
+    groups = np.zeros(X.shape[0], dtype=int) if groups is None else np.asarray(groups)
     for g in np.unique(groups):
         rows = np.flatnonzero(groups == g)
         sub = X[rows]
@@ -137,6 +140,7 @@ def normalise_counts(
         mu = totals[rows] * share
         denom = np.sqrt(mu + mu**2 / theta)
         res = np.divide(sub - mu, denom, out=np.zeros_like(sub), where=denom > 0)
+        clip = float(np.sqrt(rows.size))  # Lause et al.: sqrt(n), n the spots of the group
         X[rows] = np.clip(res, -clip, clip)
     return X
 
@@ -243,6 +247,53 @@ def dense_pca(X: np.ndarray, *, n_comps: int = 20, seed: int = 0) -> np.ndarray:
     return (U * S * signs).astype(np.float32)
 
 
+def _streamed_pca(
+    counts: sp.spmatrix,
+    coords: np.ndarray,
+    groups: np.ndarray,
+    *,
+    n_comps: int,
+    seed: int,
+    **options,
+) -> np.ndarray:
+    """PCA of the augmented matrix built one sample at a time (never the whole cohort at once).
+
+    Valid when every block is z-scored within the sample (each sample's rows depend on that
+    sample only). Pass 1 accumulates the feature covariance, pass 2 rebuilds each sample's rows
+    and projects them; memory: one sample's augmented rows plus a features x features matrix.
+    """
+    from scipy.sparse.linalg import eigsh
+
+    order = [np.flatnonzero(groups == g) for g in pd.unique(groups)]
+
+    def rows(idx: np.ndarray) -> np.ndarray:
+        X = normalise_counts(
+            counts[idx], None, method=options["normalisation"], target_sum=options["target_sum"]
+        )
+        return augment_expression(
+            X, coords[idx], None, lam=options["lam"], k_geom=options["k_geom"], agf=options["agf"]
+        )
+
+    gram = total = None
+    n = 0
+    for idx in order:
+        M = rows(idx).astype(np.float64)
+        gram = M.T @ M if gram is None else gram + M.T @ M
+        total = M.sum(axis=0) if total is None else total + M.sum(axis=0)
+        n += M.shape[0]
+    mean = total / n
+    cov = (gram - n * np.outer(mean, mean)) / max(n - 1, 1)
+    v0 = np.random.default_rng(seed).standard_normal(cov.shape[0])
+    values, vectors = eigsh(cov, k=n_comps, v0=v0)
+    vectors = vectors[:, np.argsort(values)[::-1]]
+    signs = np.sign(vectors[np.abs(vectors).argmax(axis=0), np.arange(n_comps)])
+    vectors = vectors * signs
+    scores = np.empty((counts.shape[0], n_comps), dtype=np.float32)
+    for idx in order:
+        scores[idx] = (rows(idx) - mean) @ vectors
+    return scores
+
+
 def spatial_expression(
     adata: ad.AnnData,
     *,
@@ -253,6 +304,7 @@ def spatial_expression(
     scale_by: str | None = K.SAMPLE,
     n_comps: int = 20,
     layer: str = K.COUNTS,
+    max_dense_gb: float = 2.0,
     seed: int = 0,
     key_added: str = K.SPATIAL_PCA,
 ) -> None:
@@ -275,8 +327,14 @@ def spatial_expression(
         obs column within which every block is z-scored (``None``: over the whole cohort).
     n_comps
         Number of principal components.
+    layer
+        Layer of the raw counts.
+    max_dense_gb
+        Above this size of the whole augmented matrix (float32) and with ``scale_by`` the sample
+        column, the matrix is built one sample at a time and its PCA taken from the feature
+        covariance (two passes; the same components up to numerical precision).
     seed
-        Seed of the randomised SVD.
+        Seed of the randomised SVD (or of the eigensolver's start vector).
     key_added
         obsm key of the scores (float32).
     """
@@ -292,18 +350,44 @@ def spatial_expression(
     hvg = adata.var[K.HVG].to_numpy()
     groups = adata.obs[K.SAMPLE].to_numpy() if K.SAMPLE in adata.obs else None
     scale_groups = None if scale_by is None else adata.obs[scale_by].to_numpy()
-    X = normalise_counts(adata.layers[layer][:, hvg], groups, method=normalisation)
-    M = augment_expression(
-        X,
-        np.asarray(adata.obsm[K.SPATIAL], dtype=np.float64)[:, :2],
-        groups,
-        lam=lam,
-        k_geom=k_geom,
-        agf=agf,
-        scale_groups=scale_groups,
+    counts = sp.csr_matrix(adata.layers[layer][:, hvg])
+    coords = np.asarray(adata.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
+    n_features = int(hvg.sum()) * ((3 if agf else 2) if lam > 0 else 1)
+    n_comps = min(n_comps, min(adata.n_obs, n_features) - 1)
+    streamed = (
+        adata.n_obs * n_features * 4 > max_dense_gb * 2**30
+        and groups is not None
+        and scale_by == K.SAMPLE
     )
-    del X
-    adata.obsm[key_added] = dense_pca(M, n_comps=min(n_comps, min(M.shape) - 1), seed=seed)
+    if streamed:
+        target_sum = None
+        if normalisation != "pearson":
+            target_sum = float(np.asarray(counts.sum(axis=1)).mean()) or 1.0
+        logger.info(
+            "augmented matrix of %d x %d above %.1f GB: built one sample at a time",
+            adata.n_obs,
+            n_features,
+            max_dense_gb,
+        )
+        adata.obsm[key_added] = _streamed_pca(
+            counts,
+            coords,
+            groups,
+            n_comps=n_comps,
+            seed=seed,
+            normalisation=normalisation,
+            target_sum=target_sum,
+            lam=lam,
+            k_geom=k_geom,
+            agf=agf,
+        )
+    else:
+        X = normalise_counts(counts, groups, method=normalisation)
+        M = augment_expression(
+            X, coords, groups, lam=lam, k_geom=k_geom, agf=agf, scale_groups=scale_groups
+        )
+        del X
+        adata.obsm[key_added] = dense_pca(M, n_comps=n_comps, seed=seed)
     logger.info(
         "neighbourhood-augmented expression: %d genes, λ %.2f, %d neighbours%s, %s, "
         "z-scored within %s -> obsm['%s']",
