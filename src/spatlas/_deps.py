@@ -14,6 +14,7 @@ _KNOWN = {
     "timm": ("timm", "vision"),
     "scvi": ("scvi-tools", "scvi"),
     "ray": ("ray[tune]", "ray"),
+    "decoupler": ("decoupler", "pathways"),
     "harmonypy": ("harmonypy", None),
     "scanorama": ("scanorama", None),
     "leidenalg": ("leidenalg", None),

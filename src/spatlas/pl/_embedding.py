@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -12,7 +12,14 @@ from matplotlib.lines import Line2D
 from .. import _keys as K
 from .._errors import SpatlasInputError
 from .._logging import logger
-from ._utils import categories, colours_of, is_categorical, new_figure, palette
+from ._utils import (
+    MISSING_COLOUR,
+    categories,
+    category_colours,
+    colours_of,
+    is_categorical,
+    new_figure,
+)
 
 _MAX_LEGEND = 30  # categories; beyond that the legend would hide the plot
 
@@ -27,6 +34,7 @@ def umap(
     n_neighbors: int = 15,
     ncols: int = 2,
     panel_size: float = 3.6,
+    palettes: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Figure:
     """UMAP of ``obsm[basis]``, coloured by each of the ``color`` columns (one panel each).
 
@@ -53,6 +61,10 @@ def umap(
         Panels per row.
     panel_size
         Height of each panel, in inches.
+    palettes
+        Per categorical column, the colour of each category (e.g. the domain colours of
+        :func:`spatlas.pl.domain_colours`); other categorical columns get one palette colour
+        per category of the whole cohort (not of the subsample), as in the other plots.
 
     Returns
     -------
@@ -65,6 +77,10 @@ def umap(
             f"umap: obsm has no '{basis}' (keys: {', '.join(map(str, adata.obsm.keys()))})"
         )
     columns = [c for c in dict.fromkeys(color) if c in adata.obs]
+    palettes = dict(palettes or {})
+    for column in columns:
+        if column not in palettes and is_categorical(adata.obs[column]):
+            palettes[column] = category_colours(adata.obs[column])
     skipped = [c for c in color if c not in adata.obs]
     if skipped:
         logger.info("umap: no obs column %s; not drawn", ", ".join(map(repr, skipped)))
@@ -106,13 +122,14 @@ def umap(
         values = small.obs[column]
         if is_categorical(values):
             codes, names = categories(values)
-            colours = colours_of(codes, palette(len(names)))
+            named = [palettes[column].get(name, MISSING_COLOUR) for name in names]
+            colours = colours_of(codes, named)
             ax.scatter(*coords[order].T, c=list(colours[order]), s=size, linewidths=0)
             if len(names) <= _MAX_LEGEND:
                 ax.legend(
                     handles=[
                         Line2D([], [], marker="o", linestyle="", markersize=5, color=c, label=n)
-                        for n, c in zip(names, palette(len(names)), strict=True)
+                        for n, c in zip(names, named, strict=True)
                     ],
                     loc="center left",
                     bbox_to_anchor=(1.0, 0.5),

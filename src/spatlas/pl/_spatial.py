@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
@@ -14,7 +14,14 @@ from matplotlib.lines import Line2D
 
 from .. import _keys as K
 from .._errors import SpatlasInputError
-from ._utils import MISSING_COLOUR, categories, colours_of, new_figure, palette
+from ._utils import (
+    MISSING_COLOUR,
+    categories,
+    colours_of,
+    domain_colours,
+    new_figure,
+    palette,
+)
 
 _SPOT_FILL = 0.8  # dot diameter as a fraction of the spot spacing: the tissue shows in between
 _MARGIN = 0.04  # of the spots' extent, around each map
@@ -30,6 +37,7 @@ def spatial_domains(
     image: bool = True,
     ncols: int = 2,
     panel_size: float = 3.4,
+    colours: Mapping[str, str] | None = None,
 ) -> Figure:
     """Spatial domains of each sample as coloured dots on its H&E image, beside the ground truth.
 
@@ -55,6 +63,10 @@ def spatial_domains(
         Samples per row of the figure.
     panel_size
         Height and width of each map, in inches.
+    colours
+        Colour of each domain (name -> colour). Default: with ground truth, each domain takes
+        the colour of the label it overlaps best (:func:`spatlas.pl.domain_colours`), so the two
+        maps compare by eye; without, one palette colour per domain.
 
     Returns
     -------
@@ -84,8 +96,13 @@ def spatial_domains(
     if not samples:
         raise SpatlasInputError("spatial_domains: no samples to draw")
     domain_codes, domain_names = categories(obs[key])
-    domain_colours = palette(len(domain_names))
     has_labels = label_key in obs and bool(obs[label_key].notna().any())
+    if colours is None:
+        colours = domain_colours(obs[key], obs[label_key] if has_labels else None)
+    missing = [name for name in domain_names if name not in colours]
+    if missing:
+        raise SpatlasInputError(f"spatial_domains: no colour for domains {', '.join(missing)}")
+    domain_palette = [colours[name] for name in domain_names]
     if has_labels:
         label_codes, label_names = categories(obs[label_key])
         label_colours = palette(len(label_names))
@@ -103,7 +120,7 @@ def spatial_domains(
         _draw_map(
             axes[row, col * panels],
             points,
-            colours_of(domain_codes[mask], domain_colours),
+            colours_of(domain_codes[mask], domain_palette),
             picture,
             title=f"{sample}: {key}",
         )
@@ -118,7 +135,7 @@ def spatial_domains(
     for ax in axes.ravel()[len(samples) * panels :]:
         ax.set_visible(False)
     fig.legend(
-        handles=_handles(domain_names, domain_colours),
+        handles=_handles(domain_names, domain_palette),
         title=key,
         loc="outside right upper",
         frameon=False,

@@ -66,3 +66,38 @@ def is_categorical(values: pd.Series, *, max_numeric_levels: int = 20) -> bool:
     if isinstance(values.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(values):
         return True
     return pd.api.types.is_bool_dtype(values) or values.nunique() <= max_numeric_levels
+
+
+def category_colours(values: pd.Series) -> dict[str, str]:
+    """Colour of each category of ``values`` (in the order of :func:`categories`)."""
+    _, names = categories(values)
+    return dict(zip(names, palette(len(names)), strict=True))
+
+
+def domain_colours(domains: pd.Series, labels: pd.Series | None = None) -> dict[str, str]:
+    """Colour of each domain; with ``labels``, a domain takes the colour of its best label.
+
+    Domains and labels are matched one to one by the assignment that maximises the spots they
+    share (Hungarian algorithm on the contingency table), so that a map of the domains can be
+    compared by eye with the map of the labels (coloured by :func:`category_colours`). Domains
+    left without a label get the colours after the labels' ones. Without labels, domains get
+    :func:`category_colours`.
+    """
+    if labels is None or not labels.notna().any():
+        return category_colours(domains)
+    from scipy.optimize import linear_sum_assignment
+
+    _, domain_names = categories(domains)
+    _, label_names = categories(labels)
+    both = domains.notna() & labels.notna()
+    table = pd.crosstab(domains[both].astype(str), labels[both].astype(str))
+    table = table.reindex(index=domain_names, columns=label_names, fill_value=0)
+    rows, cols = linear_sum_assignment(-table.to_numpy())
+    colours = palette(len(label_names) + len(domain_names))
+    mapping = {
+        domain_names[r]: colours[c]
+        for r, c in zip(rows, cols, strict=True)
+        if table.iat[r, c] > 0
+    }
+    spare = iter(colours[len(label_names) :])
+    return {name: mapping.get(name) or next(spare) for name in domain_names}

@@ -1,4 +1,7 @@
-"""Tools on embeddings: clustering into domains, automatic K, refinement, morphology fusion."""
+"""Tools: domains (clustering, automatic K, refinement, morphology fusion) and their biology.
+
+Conserved markers and pathway activity per domain.
+"""
 
 from ._cluster import (
     canonical_labels,
@@ -10,12 +13,16 @@ from ._cluster import (
     leiden_labels,
 )
 from ._fuse import explained_share, fuse_embeddings, fuse_morphology
+from ._markers import conserved_markers, top_markers
+from ._pathways import domain_pathways, pathway_activity, pathway_matrix, read_network
 from ._refine import refine, refine_labels
 
 __all__ = [
     "canonical_labels",
     "choose_k",
     "cluster",
+    "conserved_markers",
+    "domain_pathways",
     "explained_share",
     "fuse_embeddings",
     "fuse_morphology",
@@ -23,6 +30,10 @@ __all__ = [
     "kmeans_labels",
     "knn_graph",
     "leiden_labels",
+    "pathway_activity",
+    "pathway_matrix",
+    "read_network",
     "refine",
     "refine_labels",
+    "top_markers",
 ]
