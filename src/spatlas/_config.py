@@ -32,6 +32,14 @@ class DataConfig:
         ``inner`` keeps the genes all samples share; ``outer`` keeps all.
     exclude_labels
         Label classes left out of label metrics (e.g. her2st's ``undetermined``).
+    expression_embedding
+        A precomputed expression embedding (scGPT, Geneformer, CancerFoundation, ...) used as the
+        expression basis instead of the HVG PCs: an ``obsm`` key of the input (e.g.
+        ``X_scgpt``) or a file (``.npy`` in cohort order, or ``.csv``/``.tsv``/``.parquet``
+        keyed by spot id; see ``spatlas.pp.read_embedding``) -> ``obsm['X_input']``. The
+        ``augmentation`` then runs on its columns (-> ``X_spatial_pca``); without it, the
+        ``integration`` reads ``X_input``. Preprocessing still runs (markers read the
+        log-normalised ``X``).
     """
 
     sheet: str | None = None
@@ -45,6 +53,7 @@ class DataConfig:
     dataset_params: dict = field(default_factory=dict)
     join: str = "inner"
     exclude_labels: list[str] = field(default_factory=list)
+    expression_embedding: str | None = None
 
 
 @dataclass
@@ -111,6 +120,10 @@ class MorphologyConfig:
     ``lowres``; ``stain_norm``: ``macenko`` | ``reinhard`` | empty; ``stain_reference``: an
     image (empty: pooled over all slides); ``patch_scale``: patch side in spot diameters;
     ``integration``: ``harmony`` | ``scanorama`` | ``none`` with ``params`` (e.g. theta).
+    ``features``: precomputed per-spot image features (e.g. UNI2-h vectors), an ``obsm`` key or
+    a file as for ``data.expression_embedding``; when set (and ``enabled``), no image is read
+    and no extractor runs (``spatlas.pp.use_morphology_features``); the PCA and the
+    ``integration`` run on them as on extracted features.
     """
 
     enabled: bool = False
@@ -128,6 +141,7 @@ class MorphologyConfig:
     integration: str = "harmony"
     batch_key: str = "sample"
     params: dict = field(default_factory=dict)
+    features: str | None = None
 
 
 @dataclass
@@ -235,6 +249,9 @@ PATH_FIELDS = {
     ("morphology", "stain_reference"),
 }
 NOT_PATHS = {"random"}  # morphology.weights: random for an untrained baseline
+# an obsm key or a file: resolved only when it has an embedding file's suffix (X_scgpt stays)
+EMBEDDING_FIELDS = {("data", "expression_embedding"), ("morphology", "features")}
+EMBEDDING_SUFFIXES = (".npy", ".csv", ".tsv", ".parquet")  # spatlas.pp.read_embedding's files
 
 
 def _type_name(tp: Any) -> str:
@@ -309,6 +326,12 @@ def config_from_dict(data: dict, *, base: Path | None = None) -> Config:
             value = getattr(obj, key)
             if value and value not in NOT_PATHS and not Path(value).expanduser().is_absolute():
                 setattr(obj, key, str((base / value).resolve()))
+        for section, key in EMBEDDING_FIELDS:
+            obj = getattr(config, section)
+            value = getattr(obj, key)
+            if value and Path(value).suffix.lower() in EMBEDDING_SUFFIXES:
+                path = Path(value).expanduser()
+                setattr(obj, key, str(path if path.is_absolute() else (base / path).resolve()))
         if config.data.samples:
             for row in config.data.samples:
                 for key in ("path", "image", "annotations"):

@@ -15,6 +15,7 @@ LABEL = "label"  # ground-truth domain annotation, when the cohort has one
 SPATIAL = "spatial"  # obsm: full-resolution pixels (x, y); uns: per-sample images + scalefactors
 PCA = "X_pca"
 SPATIAL_PCA = "X_spatial_pca"  # PCA of the neighbourhood-augmented expression
+EXPRESSION_INPUT = "X_input"  # a user-given expression embedding used as the expression basis
 FUSED = "X_fused"  # expression embedding joined by the weighted morphology embedding
 MORPH_FEATURES = "X_morph_features"  # raw patch features (float32, one column per feature)
 MORPH_PCA = "X_morph_pca"  # PCA of the pooled standardised morphology features
@@ -25,6 +26,7 @@ COUNTS = "counts"  # raw UMI counts, kept through preprocessing
 HVG = "highly_variable"
 UNS = "spatlas"  # spatlas' own metadata (versions, preprocessing parameters)
 MORPHOLOGY = "morphology"  # uns['spatlas']['morphology']: extractor, images, stain statistics
+EXPRESSION_INPUT_UNS = "expression_input"  # uns['spatlas']['expression_input']: source, dims
 
 # uns['spatial'][sample] fields, as scanpy / squidpy write them
 IMAGES = "images"

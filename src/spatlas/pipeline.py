@@ -45,7 +45,20 @@ def _step(name: str, steps: list[dict]) -> Iterator[None]:
 
 
 def load_cohort(config: Config) -> ad.AnnData:
-    """Read the cohort the ``data`` section describes."""
+    """Read the cohort the ``data`` section describes.
+
+    With ``data.expression_embedding``, the embedding is read, checked and stored as
+    ``obsm['X_input']`` (see :func:`spatlas.pp.use_expression_embedding`).
+    """
+    adata = _read_cohort(config)
+    if config.data.expression_embedding is not None:
+        from . import pp
+
+        pp.use_expression_embedding(adata, config.data.expression_embedding, seed=config.seed)
+    return adata
+
+
+def _read_cohort(config: Config) -> ad.AnnData:
     from . import io
 
     data = config.data
@@ -159,12 +172,14 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
             adata.n_vars,
             summary.to_string(index=False),
         )
+        if config.morphology.enabled and config.morphology.features is not None:
+            morphology_features(config, adata)  # precomputed: read and checked before slow steps
     with _step("preprocess", steps):
         preprocess(config, adata)
     method = integration_method(config)
     if method == "none":
         basis = expression_basis(config)
-        method_name = "spatial" if basis == K.SPATIAL_PCA else "pca"
+        method_name = "spatial" if basis == K.SPATIAL_PCA else basis.removeprefix("X_")
     else:
         with _step("integrate", steps):
             basis = integrate(config, adata)
@@ -172,7 +187,8 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
     morph = config.morphology
     if morph.enabled:
         with _step("morphology", steps):
-            morphology_features(config, adata)
+            if morph.features is None:
+                morphology_features(config, adata)
             morphology_embedding(config, adata)
     fitted = None
     if _uses_model(config):
@@ -243,8 +259,14 @@ def augmented(config: Config) -> bool:
 
 
 def expression_basis(config: Config) -> str:
-    """The ``obsm`` key of the expression PCs the integration reads: augmented or plain."""
-    return K.SPATIAL_PCA if augmented(config) else K.PCA
+    """The ``obsm`` key of the expression basis the integration reads.
+
+    ``X_spatial_pca`` after the augmentation, else ``X_input`` with ``data.expression_embedding``,
+    else ``X_pca``.
+    """
+    if augmented(config):
+        return K.SPATIAL_PCA
+    return K.EXPRESSION_INPUT if config.data.expression_embedding is not None else K.PCA
 
 
 def integration_method(config: Config) -> str:
@@ -293,10 +315,23 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"augmentation.k_geom must be at least 1; got {aug.k_geom}")
     refine_labels(config)
     _check_morphology_weight(config)
+    if config.data.expression_embedding is not None:
+        from .pp import get_integration
+
+        method = integration_method(config)
+        if get_integration(method).reads_counts:
+            raise ConfigError(
+                f"integration.method {method} reads the counts and would ignore "
+                "data.expression_embedding; choose harmony, scanorama or none"
+            )
 
 
 def preprocess(config: Config, adata: ad.AnnData) -> None:
-    """The ``preprocessing`` and ``augmentation`` sections applied to ``adata`` (in place)."""
+    """The ``preprocessing`` and ``augmentation`` sections applied to ``adata`` (in place).
+
+    With ``data.expression_embedding``, the augmentation runs on the columns of
+    ``obsm['X_input']`` (:func:`spatlas.pp.spatial_embedding`) instead of the HVG counts.
+    """
     from . import pp
 
     prep = config.preprocessing
@@ -312,7 +347,18 @@ def preprocess(config: Config, adata: ad.AnnData) -> None:
         seed=config.seed,
     )
     aug = config.augmentation
-    if augmented(config):
+    if augmented(config) and config.data.expression_embedding is not None:
+        pp.spatial_embedding(
+            adata,
+            basis=K.EXPRESSION_INPUT,
+            lam=aug.lam,
+            k_geom=aug.k_geom,
+            agf=aug.agf,
+            scale_by=aug.scale_by,
+            n_comps=aug.n_comps,
+            seed=config.seed,
+        )
+    elif augmented(config):
         pp.spatial_expression(
             adata,
             lam=aug.lam,
@@ -328,7 +374,8 @@ def preprocess(config: Config, adata: ad.AnnData) -> None:
 def integrate(config: Config, adata: ad.AnnData, *, key_added: str | None = None) -> str:
     """The ``integration`` section on the expression PCs; returns the obsm key written.
 
-    Reads ``obsm['X_spatial_pca']`` when the ``augmentation`` step ran, else ``obsm['X_pca']``.
+    Reads ``obsm['X_spatial_pca']`` when the ``augmentation`` step ran, else ``obsm['X_input']``
+    with ``data.expression_embedding``, else ``obsm['X_pca']`` (see :func:`expression_basis`).
     """
     from . import pp
 
@@ -345,10 +392,16 @@ def integrate(config: Config, adata: ad.AnnData, *, key_added: str | None = None
 
 
 def morphology_features(config: Config, adata: ad.AnnData) -> None:
-    """Patch features of the ``morphology`` section -> ``obsm['X_morph_features']``."""
+    """Patch features of the ``morphology`` section -> ``obsm['X_morph_features']``.
+
+    With ``morphology.features``, the precomputed features instead (no image is read).
+    """
     from . import pp
 
     morph = config.morphology
+    if morph.features is not None:
+        pp.use_morphology_features(adata, morph.features)
+        return
     pp.morphology_features(
         adata,
         extractor=morph.extractor,

@@ -38,8 +38,8 @@ def standardise_h5ad_sample(
 
     Raw counts move to ``X`` (float32 CSR) from ``X`` or ``layers[counts_layer]``;
     ``obsm['spatial']`` must hold (x, y) spot centres in full-resolution pixels;
-    ``obs['array_row'/'array_col']`` are kept when present; ``uns['spatial']`` is re-keyed to
-    ``sample``.
+    ``obs['array_row'/'array_col']`` and the other 2-D ``obsm`` entries (embeddings) are kept;
+    ``uns['spatial']`` is re-keyed to ``sample``.
     """
     where = where or sample
     problems = []
@@ -75,6 +75,9 @@ def standardise_h5ad_sample(
         var=adata.var.copy(),
     )
     out.obsm[K.SPATIAL] = xy
+    for key, value in adata.obsm.items():  # embeddings (X_scgpt, ...) travel with their spots
+        if key != K.SPATIAL and len(getattr(value, "shape", ())) == 2:
+            out.obsm[key] = value
     out.obs[K.BARCODE] = adata.obs_names.astype(str)
     old = adata.uns.get(K.SPATIAL, {})
     info = dict(old[next(iter(old))]) if isinstance(old, dict) and len(old) == 1 else {}

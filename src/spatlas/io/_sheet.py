@@ -234,7 +234,8 @@ def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.A
     """Concatenate per-sample AnnData into one cohort (``anndata.concat(..., label='sample')``).
 
     ``obs_names`` become ``{barcode}-{sample}``; ``obs['sample']`` and ``obs['donor']`` are
-    categorical in the given order; ``uns['spatial']`` holds every sample's entry.
+    categorical in the given order; ``uns['spatial']`` holds every sample's entry; ``obsm``
+    entries that every sample has with the same width are kept.
     """
     samples = [str(a.obs[K.SAMPLE].iloc[0]) for a in adatas]
     if join == "inner":
@@ -252,13 +253,22 @@ def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.A
     donors = list(dict.fromkeys(str(a.obs[K.DONOR].iloc[0]) for a in adatas))
     # anndata's inner join would also drop obs columns that only some samples have (labels!)
     columns = list(dict.fromkeys(c for a in adatas for c in a.obs.columns))
+    # an obsm entry is kept only where every sample has it with the same width (inner and
+    # outer joins would otherwise drop it or silently cut its columns)
+    widths = [{k: v.shape[1:] for k, v in a.obsm.items()} for a in adatas]
+    shared_obsm = {k for k in widths[0] if all(w.get(k) == widths[0][k] for w in widths[1:])}
+    dropped = sorted(set().union(*widths) - shared_obsm - {K.SPATIAL})
+    if dropped:
+        logger.info("obsm entries not in every sample with one width, dropped: %s", dropped)
     aligned = []
     for a in adatas:
         missing = [c for c in columns if c not in a.obs]
-        if missing:
+        if missing or set(a.obsm) - shared_obsm:
             a = a.copy()
             for c in missing:
                 a.obs[c] = pd.Series(np.nan, index=a.obs_names, dtype=object)
+            for k in set(a.obsm) - shared_obsm:
+                del a.obsm[k]
         aligned.append(a)
     cohort = ad.concat(
         aligned,

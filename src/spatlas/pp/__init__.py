@@ -1,5 +1,6 @@
 """Preprocessing: expression (HVG, normalisation, PCA), morphology and horizontal integration."""
 
+from ._embedding_input import read_embedding, use_expression_embedding, use_morphology_features
 from ._expression import PCAResult, preprocess_expression, scaled_pca
 from ._integrate import (
     IntegrationMethod,
@@ -19,6 +20,7 @@ from ._spatial_expression import (
     augment_expression,
     neighbourhood_weights,
     normalise_counts,
+    spatial_embedding,
     spatial_expression,
 )
 from .morphology import (
@@ -49,9 +51,13 @@ __all__ = [
     "neighbourhood_weights",
     "normalise_counts",
     "preprocess_expression",
+    "read_embedding",
     "register_extractor",
     "register_integration",
     "scaled_pca",
+    "spatial_embedding",
     "spatial_expression",
+    "use_expression_embedding",
+    "use_morphology_features",
     "window_offsets",
 ]

@@ -408,3 +408,88 @@ def spatial_expression(
         "n_comps": n_comps,
         "seed": seed,
     }
+
+
+def spatial_embedding(
+    adata: ad.AnnData,
+    *,
+    basis: str = K.EXPRESSION_INPUT,
+    lam: float = 0.2,
+    k_geom: int = 18,
+    agf: bool = True,
+    scale_by: str | None = K.SAMPLE,
+    n_comps: int = 20,
+    seed: int = 0,
+    key_added: str = K.SPATIAL_PCA,
+) -> str:
+    """PCA of the neighbourhood-augmented columns of an embedding -> ``obsm[key_added]``.
+
+    :func:`spatial_expression` for an expression embedding instead of the HVG counts (e.g. a
+    foundation model's, see :func:`spatlas.pp.use_expression_embedding`): its columns take the
+    place of the normalised genes in :func:`augment_expression`.
+
+    Parameters
+    ----------
+    adata
+        Cohort with ``obsm[basis]``, ``obsm['spatial']`` and ``obs['sample']`` (neighbours never
+        cross samples).
+    basis
+        obsm key of the embedding.
+    lam
+        λ, the neighbourhood's share of the variance (0: the spot's own embedding only).
+    k_geom
+        Neighbours of the Gaussian mean (the AGF uses twice as many).
+    agf
+        Include the azimuthal Gabor (gradient) block.
+    scale_by
+        obs column within which every block is z-scored (``None``: over the whole cohort).
+    n_comps
+        Number of principal components (at most the augmented columns - 1).
+    seed
+        Seed of the randomised SVD.
+    key_added
+        obsm key of the scores.
+
+    Returns
+    -------
+    The obsm key written. Writes ``obsm[key_added]`` (float32) and
+    ``uns['spatlas']['spatial_expression']`` (its settings, ``basis`` among them).
+    """
+    for what, ok in (
+        (f"obsm['{basis}']", basis in adata.obsm),
+        ("obsm['spatial']", K.SPATIAL in adata.obsm),
+    ):
+        if not ok:
+            raise SpatlasInputError(f"spatial_embedding needs {what}")
+    if scale_by is not None and scale_by not in adata.obs:
+        raise SpatlasInputError(f"scale_by '{scale_by}' is not an obs column")
+    X = np.asarray(adata.obsm[basis], dtype=np.float32)
+    groups = adata.obs[K.SAMPLE].to_numpy() if K.SAMPLE in adata.obs else None
+    scale_groups = None if scale_by is None else adata.obs[scale_by].to_numpy()
+    coords = np.asarray(adata.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
+    M = augment_expression(
+        X, coords, groups, lam=lam, k_geom=k_geom, agf=agf, scale_groups=scale_groups
+    )
+    n_comps = max(1, min(n_comps, min(M.shape) - 1))
+    adata.obsm[key_added] = dense_pca(M, n_comps=n_comps, seed=seed)
+    logger.info(
+        "neighbourhood-augmented obsm['%s']: %d columns, λ %.2f, %d neighbours%s, "
+        "z-scored within %s -> obsm['%s']",
+        basis,
+        X.shape[1],
+        lam,
+        k_geom,
+        " + AGF" if agf and lam > 0 else "",
+        scale_by or "the cohort",
+        key_added,
+    )
+    adata.uns.setdefault(K.UNS, {})["spatial_expression"] = {
+        "basis": basis,
+        "lambda": lam,
+        "k_geom": k_geom,
+        "agf": agf,
+        "scale_by": scale_by,
+        "n_comps": n_comps,
+        "seed": seed,
+    }
+    return key_added
