@@ -227,6 +227,33 @@ class BenchmarkConfig:
 
 
 @dataclass
+class DownstreamConfig:
+    """The biology after the domains, written by ``spatlas run`` and shown in the report.
+
+    ``markers``: conserved domain markers (``spatlas.tl.conserved_markers``: each domain against
+    the rest within every sample, Wilcoxon, samples combined by Stouffer) -> ``markers.csv``.
+    ``pathways``: a network to score every spot with (``progeny_human`` | ``progeny_mouse``,
+    bundled; or a CSV/TSV file ``source, target, weight``) by decoupler's ``pathway_method``
+    -> ``obsm['X_pathways']`` and ``pathways.csv`` (domain x pathway, per sample and combined);
+    needs ``pip install 'spatlas[pathways]'``. ``gene_symbols``: ``var`` column with the names
+    the network uses; ``gene_map``: two-column file (cohort gene id -> network gene).
+    ``min_spots``: a domain is tested in a sample only with at least this many spots there;
+    ``min_fraction``: a marker / pathway is *conserved* when significantly up in more than this
+    share of the samples where its domain was tested; ``n_top``: markers per domain in the
+    report's dot plot.
+    """
+
+    markers: bool = False
+    pathways: str | None = None
+    pathway_method: str = "ulm"
+    gene_symbols: str | None = None
+    gene_map: str | None = None
+    min_spots: int = 10
+    min_fraction: float = 0.5
+    n_top: int = 3
+
+
+@dataclass
 class Config:
     """A whole run (``tune`` and ``benchmark`` are read by ``spatlas tune`` / ``benchmark``)."""
 
@@ -240,6 +267,7 @@ class Config:
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
 
 PATH_FIELDS = {
@@ -247,6 +275,7 @@ PATH_FIELDS = {
     ("data", "h5ad"),
     ("morphology", "weights"),
     ("morphology", "stain_reference"),
+    ("downstream", "gene_map"),
 }
 NOT_PATHS = {"random"}  # morphology.weights: random for an untrained baseline
 # an obsm key or a file: resolved only when it has an embedding file's suffix (X_scgpt stays)
@@ -332,6 +361,10 @@ def config_from_dict(data: dict, *, base: Path | None = None) -> Config:
             if value and Path(value).suffix.lower() in EMBEDDING_SUFFIXES:
                 path = Path(value).expanduser()
                 setattr(obj, key, str(path if path.is_absolute() else (base / path).resolve()))
+        pathways = config.downstream.pathways
+        if pathways and Path(pathways).suffix.lower() in (".csv", ".tsv", ".txt"):
+            path = Path(pathways).expanduser()
+            config.downstream.pathways = str(path if path.is_absolute() else base / path)
         if config.data.samples:
             for row in config.data.samples:
                 for key in ("path", "image", "annotations"):

@@ -174,6 +174,8 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
         )
         if config.morphology.enabled and config.morphology.features is not None:
             morphology_features(config, adata)  # precomputed: read and checked before slow steps
+    if config.downstream.pathways:  # the network must match the cohort's genes: say so now
+        check_network(config, adata)
     with _step("preprocess", steps):
         preprocess(config, adata)
     method = integration_method(config)
@@ -230,6 +232,13 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
                 mean["ari"],
                 mean["nmi"],
             )
+    markers = pathways = None
+    if config.downstream.markers:
+        with _step("markers", steps):
+            markers = conserved_markers(config, adata, domain_key)
+    if config.downstream.pathways:
+        with _step("pathways", steps):
+            pathways = domain_pathways(config, adata, domain_key)
     timings = pd.DataFrame(steps)
     if stage is not None:
         with _step("write", steps):
@@ -243,6 +252,10 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
             domains.to_csv(stage / "domains.csv", index_label="spot")
             if table is not None:
                 table.to_csv(stage / "metrics.csv", index=False, float_format="%.4f")
+            if markers is not None:
+                markers.to_csv(stage / "markers.csv", index=False, float_format="%.5g")
+            if pathways is not None:
+                pathways.to_csv(stage / "pathways.csv", index=False, float_format="%.5g")
             if fitted is not None:
                 fitted.save(stage / "model")
         timings = pd.DataFrame(steps)
@@ -315,6 +328,7 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"augmentation.k_geom must be at least 1; got {aug.k_geom}")
     refine_labels(config)
     _check_morphology_weight(config)
+    _check_downstream(config)
     if config.data.expression_embedding is not None:
         from .pp import get_integration
 
@@ -469,6 +483,75 @@ def fuse_morphology(config: Config, adata: ad.AnnData, basis: str) -> str:
         labels=labels,
     )
     return K.FUSED if used > 0 else basis
+
+
+def _check_downstream(config: Config) -> None:
+    from .tl._pathways import METHODS, NETWORKS
+
+    down = config.downstream
+    if not 0.0 <= down.min_fraction < 1.0:
+        raise ConfigError(f"downstream.min_fraction must lie in [0, 1); got {down.min_fraction}")
+    if down.min_spots < 2:
+        raise ConfigError(f"downstream.min_spots must be at least 2; got {down.min_spots}")
+    if down.n_top < 1:
+        raise ConfigError(f"downstream.n_top must be at least 1; got {down.n_top}")
+    if not down.pathways:
+        return
+    if down.pathway_method not in METHODS:
+        raise ConfigError(
+            f"downstream.pathway_method must be one of {', '.join(METHODS)}; "
+            f"got {down.pathway_method!r}"
+        )
+    if down.pathways not in NETWORKS and not Path(down.pathways).expanduser().is_file():
+        raise ConfigError(
+            f"downstream.pathways: '{down.pathways}' is neither a bundled network "
+            f"({', '.join(NETWORKS)}) nor an existing file (CSV/TSV: source, target, weight)"
+        )
+    if down.gene_map is not None and not Path(down.gene_map).expanduser().is_file():
+        raise ConfigError(f"downstream.gene_map: {down.gene_map}: no such file")
+    from ._deps import import_optional
+
+    import_optional("decoupler", purpose="downstream.pathways")
+
+
+def check_network(config: Config, adata: ad.AnnData) -> None:
+    """The ``downstream.pathways`` network is readable and shares genes with the cohort."""
+    from .tl._pathways import match_network, read_network
+
+    down = config.downstream
+    match_network(
+        adata,
+        read_network(down.pathways),
+        gene_symbols_key=down.gene_symbols,
+        gene_map=down.gene_map,
+    )
+
+
+def conserved_markers(config: Config, adata: ad.AnnData, domain_key: str) -> pd.DataFrame:
+    """``downstream.markers``: the conserved markers of the domains (``markers.csv``)."""
+    from . import tl
+
+    down = config.downstream
+    return tl.conserved_markers(
+        adata, domain_key=domain_key, min_spots=down.min_spots, min_fraction=down.min_fraction
+    )
+
+
+def domain_pathways(config: Config, adata: ad.AnnData, domain_key: str) -> pd.DataFrame:
+    """``downstream.pathways``: activity per spot, then per domain (``pathways.csv``)."""
+    from . import tl
+
+    down = config.downstream
+    tl.pathway_activity(
+        adata,
+        net=down.pathways,
+        method=down.pathway_method,
+        gene_symbols_key=down.gene_symbols,
+        gene_map=down.gene_map,
+    )
+    return tl.domain_pathways(
+        adata, domain_key=domain_key, min_spots=down.min_spots, min_fraction=down.min_fraction
+    )
 
 
 def _write_report(stage: Path, adata: ad.AnnData) -> None:

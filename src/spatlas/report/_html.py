@@ -29,6 +29,7 @@ SECTIONS = {
     "summary": "Summary",
     "domains": "Spatial domains",
     "umap": "Embedding",
+    "biology": "Markers and pathways",
     "metrics": "Metrics and timings",
     "training": "Model training",
     "config": "Configuration",
@@ -85,8 +86,8 @@ def build_report(run_dir: str | Path, *, adata: Any = None) -> Path:
     Returns
     -------
     The path of the report. Sections (``<h2>`` ids): ``summary``, ``domains``, ``umap``,
-    ``metrics``, ``training``, ``config``. The file is written to a temporary name and renamed
-    into place, so an existing report is only ever replaced by a complete one.
+    ``biology``, ``metrics``, ``training``, ``config``. The file is written to a temporary
+    name and renamed into place, so an existing report is only ever replaced by a complete one.
 
     Raises
     ------
@@ -123,14 +124,18 @@ def build_report(run_dir: str | Path, *, adata: Any = None) -> Path:
     timings = pd.read_csv(run_dir / "timings.csv")
     metrics_path = run_dir / "metrics.csv"
     metrics = pd.read_csv(metrics_path) if metrics_path.is_file() else None
+    markers = _read_table(run_dir / "markers.csv", dtype={"domain": str, "gene": str})
+    pathways = _read_table(run_dir / "pathways.csv", dtype={"domain": str, "pathway": str})
+    colours = _domain_colours(adata, key)
     model_path = run_dir / "model" / "model.json"
     model_meta = json.loads(model_path.read_text()) if model_path.is_file() else None
     logger.info("report of %s: domains '%s', embedding '%s'", run_dir, key, basis)
 
     sections = {
         "summary": _summary(adata, config, key, basis, metrics, timings),
-        "domains": _domains(adata, key),
-        "umap": _umap(adata, basis, key, seed=int(config.get("seed", 0) or 0)),
+        "domains": _domains(adata, key, colours),
+        "umap": _umap(adata, basis, key, colours, seed=int(config.get("seed", 0) or 0)),
+        "biology": _biology(adata, key, colours, markers, pathways, config),
         "metrics": _metrics(metrics, timings, labelled=_has_labels(adata)),
         "training": _training(model_meta, config, basis),
         "config": (
@@ -278,10 +283,22 @@ def _per_sample(obs: pd.DataFrame, key: str, metrics: pd.DataFrame | None) -> pd
     return table.rename_axis("sample").reset_index()
 
 
-def _domains(adata: Any, key: str) -> str:
+def _read_table(path: Path, *, dtype: dict) -> pd.DataFrame | None:
+    return pd.read_csv(path, dtype=dtype) if path.is_file() else None
+
+
+def _domain_colours(adata: Any, key: str) -> dict[str, str]:
+    """One colour per domain for every figure; matched to the best label when there are labels."""
+    from ..pl._utils import domain_colours
+
+    labels = adata.obs[K.LABEL] if _has_labels(adata) else None
+    return domain_colours(adata.obs[key], labels)
+
+
+def _domains(adata: Any, key: str, colours: Mapping[str, str]) -> str:
     from .. import pl
 
-    fig = pl.spatial_domains(adata, key=key)
+    fig = pl.spatial_domains(adata, key=key, colours=colours)
     has_images = any(
         K.IMAGES in entry and entry[K.IMAGES] for entry in adata.uns.get(K.SPATIAL, {}).values()
     )
@@ -291,21 +308,96 @@ def _domains(adata: Any, key: str) -> str:
         fig,
         alt=f"spatial domains {key}",
         caption=f"Domains <code>{html.escape(key)}</code> {where}{truth}; one colour per domain "
-        "across samples.",
+        "across samples and figures"
+        + (", each domain in the colour of the label it overlaps best." if truth else "."),
     )
 
 
-def _umap(adata: Any, basis: str, key: str, *, seed: int) -> str:
+def _umap(adata: Any, basis: str, key: str, colours: Mapping[str, str], *, seed: int) -> str:
     from .. import pl
 
     columns = [c for c in (K.SAMPLE, K.DONOR, key, K.LABEL) if c in adata.obs]
-    fig = pl.umap(adata, basis=basis, color=columns, seed=seed)
+    fig = pl.umap(adata, basis=basis, color=columns, seed=seed, palettes={key: colours})
     return _figure(
         fig,
         alt=f"UMAP of {basis}",
         caption=f"UMAP of <code>obsm['{html.escape(basis)}']</code> (at most 20,000 spots, seed "
         f"{seed}): samples and donors should mix, domains and labels should separate.",
     )
+
+
+def _biology(
+    adata: Any,
+    key: str,
+    colours: Mapping[str, str],
+    markers: pd.DataFrame | None,
+    pathways: pd.DataFrame | None,
+    config: Mapping[str, Any],
+) -> str:
+    from .. import pl
+
+    if markers is None and pathways is None:
+        return (
+            "<p>No <code>markers.csv</code> or <code>pathways.csv</code> in this run: turn them "
+            "on with <code>downstream: {markers: true, pathways: progeny_human}</code>.</p>"
+        )
+    down = config.get("downstream") or {}
+    parts = []
+    if markers is not None:
+        n_top = int(down.get("n_top", 3) or 3)
+        conserved = markers.loc[markers["conserved"].astype(bool)]
+        counts = conserved.groupby("domain").size()
+        fig = pl.marker_dotplot(adata, markers, domain_key=key, n_genes=n_top, colours=colours)
+        parts.append(
+            _figure(
+                fig,
+                alt="conserved markers dot plot",
+                caption=f"The top {n_top} conserved markers of each domain "
+                "(<code>markers.csv</code>): up in the domain against the rest of its sample "
+                "in most samples where the domain has enough spots (Wilcoxon per sample, "
+                "samples combined by Stouffer). Dot size: share of the domain's spots "
+                "expressing the gene; colour: mean expression scaled per gene.",
+            )
+        )
+        shown = [
+            c
+            for c in (
+                "domain",
+                "rank",
+                "gene",
+                "symbol",
+                "n_up",
+                "n_tested",
+                "z_combined",
+                "mean_log2fc",
+                "frac_in",
+                "frac_out",
+            )
+            if c in markers
+        ]
+        top = conserved.groupby("domain", sort=False).head(5)[shown]
+        parts.append(
+            "<h3>Conserved markers</h3>\n<p class='muted'>"
+            + ", ".join(f"{html.escape(str(d))}: {n}" for d, n in counts.items())
+            + " conserved markers per domain; the first five of each:</p>\n"
+            + _table(top)
+        )
+    if pathways is not None:
+        fig = pl.pathway_heatmap(pathways, colours=colours)
+        network = html.escape(str(down.get("pathways", "")))
+        method = html.escape(str(down.get("pathway_method", "ulm")))
+        parts.append(
+            "<h3>Pathway activity</h3>\n"
+            + _figure(
+                fig,
+                alt="domain x pathway heat map",
+                caption=f"Activity of each pathway ({network}, decoupler {method}) in each "
+                "domain against the rest of its sample, combined over samples (red: higher). "
+                "Cell text: in how many of the samples where the domain was tested it is "
+                "significantly higher (negative: lower). From <code>pathways.csv</code>.",
+            )
+        )
+    return "\n".join(parts)
 
 
 def _has_labels(adata: Any) -> bool:

@@ -268,15 +268,22 @@ def pathway_activity(
         len(columns),
         matched_on,
     )
-    getattr(dc.mt, method)(view, network, tmin=tmin, verbose=False)
-    scores = view.obsm[f"score_{method}"]
+    # decoupler leaves out spots without counts (then it returns a repaired copy): they get NaN
+    returned = getattr(dc.mt, method)(view, network, tmin=tmin, verbose=False)
+    scores = (returned if returned is not None else view).obsm[f"score_{method}"]
     scores = pd.DataFrame(
-        np.asarray(scores, dtype=np.float32),
+        np.asarray(scores.reindex(view.obs_names), dtype=np.float32),
         index=adata.obs_names,
         columns=[str(c) for c in scores.columns],
     )
-    if not np.isfinite(scores.to_numpy()).all():
-        logger.warning("pathway scores hold NaN (spots without any target gene expressed)")
+    missing = ~np.isfinite(scores.to_numpy()).all(axis=1)
+    if missing.any():
+        logger.warning(
+            "%d spots have no pathway score (no counts on the network's genes): NaN in "
+            "obsm['%s'], left out of the domain tests",
+            int(missing.sum()),
+            key_added,
+        )
     adata.obsm[key_added] = scores
     adata.uns.setdefault(K.UNS, {})["pathways"] = {
         "key": key_added,
@@ -326,10 +333,13 @@ def domain_pathways(
         if isinstance(scores, pd.DataFrame)
         else [f"source_{i}" for i in range(np.shape(scores)[1])]
     )
-    values = np.nan_to_num(np.asarray(scores, dtype=np.float64))
+    values = np.asarray(scores, dtype=np.float64)
+    scored = np.isfinite(values).all(axis=1)  # spots without a score stay out of the tests
+    domains = adata.obs[domain_key].astype("string").where(scored)
+    values = np.nan_to_num(values)
     names, results = domain_contrasts(
         values,
-        adata.obs[domain_key],
+        domains,
         adata.obs[sample_key],
         min_spots=min_spots,
         effect="difference",
@@ -344,7 +354,7 @@ def domain_pathways(
         feature_name="pathway",
         keep="all",
     )
-    activity = domain_means(values, adata.obs[domain_key], adata.obs[sample_key], names)
+    activity = domain_means(values, domains, adata.obs[sample_key], names)
     flat = pd.DataFrame(activity, index=names, columns=columns).stack()
     position = table.columns.get_loc("frac_in")
     table.insert(
