@@ -265,3 +265,31 @@ def test_a_network_that_matches_no_gene_fails_before_the_slow_steps(tmp_path):
     with pytest.raises(SpatlasInputError, match="none of the network's"):
         spatlas.pipeline.run(config, out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_report_names_precomputed_inputs_and_ignored_features_are_refused(tmp_path):
+    from spatlas._config import config_from_dict
+    from spatlas._errors import ConfigError
+
+    adata = spatlas.datasets.synthetic_cohort(
+        n_donors=2, n_samples_per_donor=1, n_spots=300, image=False
+    )
+    rng = np.random.default_rng(0)
+    adata.obsm["X_fm"] = rng.normal(size=(adata.n_obs, 12)).astype(np.float32)
+    adata.obsm["X_uni"] = rng.normal(size=(adata.n_obs, 16)).astype(np.float32)
+    path = tmp_path / "cohort.h5ad"
+    adata.write_h5ad(path)
+    data = {"h5ad": str(path), "sample_key": "sample", "donor_key": "donor"}
+    with pytest.raises(ConfigError, match=r"morphology\.enabled is false"):
+        spatlas.pipeline.run(config_from_dict({"data": data, "morphology": {"features": "X_uni"}}))
+    config = config_from_dict(
+        {
+            "data": {**data, "expression_embedding": "X_fm"},
+            "morphology": {"enabled": True, "features": "X_uni"},
+            "clustering": {"n_clusters": 3},
+        }
+    )
+    spatlas.pipeline.run(config, out=tmp_path / "run")
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "precomputed embedding X_fm (12-d)" in page
+    assert "precomputed features X_uni" in page

@@ -328,6 +328,11 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"augmentation.k_geom must be at least 1; got {aug.k_geom}")
     refine_labels(config)
     _check_morphology_weight(config)
+    if config.morphology.features is not None and not config.morphology.enabled:
+        raise ConfigError(
+            "morphology.features is set but morphology.enabled is false, so the features would "
+            "be ignored; set morphology.enabled: true (or remove morphology.features)"
+        )
     _check_downstream(config)
     if config.data.expression_embedding is not None:
         from .pp import get_integration

@@ -231,9 +231,8 @@ def _summary(
             f"{donors.nunique()} ({', '.join(pd.unique(donors))})" if donors is not None else "–"
         ),
         "Integration": str(integration),
-        "Morphology": (
-            f"{morphology.get('extractor', '')} features" if morphology.get("enabled") else "off"
-        ),
+        "Expression input": _expression_input(adata),
+        "Morphology": _morphology_line(adata, morphology),
         "Model": _model_line(config, model),
         "Embedding": f"<code>obsm['{html.escape(basis)}']</code>",
         "Domains": (
@@ -250,6 +249,27 @@ def _summary(
         f"<p class='headline'>{headline}</p>\n<dl class='facts'>\n{rows}\n</dl>\n"
         f"<h3>Samples</h3>\n{_table(per_sample)}"
     )
+
+
+def _expression_input(adata: Any) -> str:
+    """What the expression basis was: the HVG counts, or a precomputed embedding."""
+    info = adata.uns.get(K.UNS, {}).get("expression_input")
+    if not info:
+        return "highly variable genes (log-normalised counts)"
+    dims = info.get("dims", "?")
+    n_comps = info.get("n_comps")
+    reduced = f", reduced to {n_comps} PCs" if n_comps and n_comps != dims else ""
+    return f"precomputed embedding {html.escape(str(info.get('source', '')))} ({dims}-d{reduced})"
+
+
+def _morphology_line(adata: Any, morphology: Mapping[str, Any]) -> str:
+    if not morphology.get("enabled"):
+        return "off"
+    info = adata.uns.get(K.UNS, {}).get(K.MORPHOLOGY) or {}
+    info = info.get(K.MORPH_FEATURES, info)
+    if info.get("extractor") == "precomputed":
+        return f"precomputed features {html.escape(str(info.get('source', '')))}"
+    return f"{html.escape(str(morphology.get('extractor', '')))} features"
 
 
 def _model_line(config: Mapping[str, Any], model: str) -> str:
