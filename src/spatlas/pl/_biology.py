@@ -109,7 +109,7 @@ def marker_dotplot(
     ax.set_ylabel(domain_key)
     ax.tick_params(axis="y", labelsize=8)
     fig.colorbar(points, ax=ax, shrink=0.6, label="mean expression\n(scaled per gene)")
-    ax.legend(
+    fig.legend(
         handles=[
             Line2D(
                 [],
@@ -123,8 +123,7 @@ def marker_dotplot(
             for s in (0.25, 0.5, 1.0)
         ],
         title="spots expressing",
-        loc="upper left",
-        bbox_to_anchor=(1.25, 1.0),
+        loc="outside right upper",
         frameon=False,
         fontsize=7,
         title_fontsize=7,
@@ -155,7 +154,7 @@ def pathway_heatmap(
     down = table.pivot(index="domain", columns="pathway", values="n_down")
     tested = table.pivot(index="domain", columns="pathway", values="n_tested")
     order = list(dict.fromkeys(table["domain"]))
-    pathways = list(dict.fromkeys(table["pathway"]))
+    pathways = sorted(dict.fromkeys(table["pathway"]), key=str.lower)
     matrix, up, down, tested = (
         m.reindex(index=order, columns=pathways) for m in (matrix, up, down, tested)
     )
