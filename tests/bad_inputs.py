@@ -195,3 +195,12 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "config: wrong value type": (config_bad_value, "clustering.refine"),
     "run folder not empty": (out_dir_not_empty, "not empty"),
 }
+
+# the classes of issue 20 live in their own modules; one corpus for the tests and the table
+from bad_inputs_config import CASES as _CONFIG_CASES  # noqa: E402
+from bad_inputs_output import CASES as _OUTPUT_CASES  # noqa: E402
+from bad_inputs_tune import CASES as _TUNE_CASES  # noqa: E402
+
+CASES.update(_CONFIG_CASES)
+CASES.update(_OUTPUT_CASES)
+CASES.update(_TUNE_CASES)
