@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,6 +328,7 @@ def check_config(config: Config) -> None:
         raise ConfigError(f"augmentation.k_geom must be at least 1; got {aug.k_geom}")
     refine_labels(config)
     _check_morphology_weight(config)
+    _check_settings(config)
     if config.morphology.features is not None and not config.morphology.enabled:
         raise ConfigError(
             "morphology.features is set but morphology.enabled is false, so the features would "
@@ -488,6 +489,79 @@ def fuse_morphology(config: Config, adata: ad.AnnData, basis: str) -> str:
         labels=labels,
     )
     return K.FUSED if used > 0 else basis
+
+
+HVG_FLAVORS = ("seurat_v3", "seurat", "cell_ranger", "pearson_residuals")
+CLUSTER_METHODS = ("kmeans", "gmm", "leiden")
+
+
+def _at_least(where: str, value: float | None, low: float, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not value >= low:  # also refuses NaN
+        raise ConfigError(f"{where} must be at least {low:g}; got {value!r}")
+
+
+def _one_of(where: str, value: object, choices: Iterable[str]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_settings(config: Config) -> None:
+    """Names and ranges of every setting a late step reads, so none fails after slow work."""
+    from .models import list_models
+    from .pp import list_integrations
+    from .pp.morphology._extractors import TIMM_PREFIX, list_extractors
+    from .pp.morphology._patches import IMAGE_CHOICES, PAD_MODES
+    from .pp.morphology._stain import STAIN_METHODS
+
+    _at_least("seed", config.seed, 0)
+    _one_of("data.join", config.data.join, ("inner", "outer"))
+    prep = config.preprocessing
+    _at_least("preprocessing.min_spots", prep.min_spots, 1)
+    _at_least("preprocessing.n_top_genes", prep.n_top_genes, 2)
+    _at_least("preprocessing.n_comps", prep.n_comps, 2)
+    _one_of("preprocessing.hvg_flavor", prep.hvg_flavor, HVG_FLAVORS)
+    if not prep.target_sum > 0:
+        raise ConfigError(f"preprocessing.target_sum must be > 0; got {prep.target_sum!r}")
+    _at_least("augmentation.n_comps", config.augmentation.n_comps, 2)
+    _one_of("integration.method", config.integration.method, ["auto", *list_integrations()])
+    clus = config.clustering
+    _one_of("clustering.method", clus.method, CLUSTER_METHODS)
+    k = clus.n_clusters
+    if isinstance(k, str) and k != "auto":
+        raise ConfigError(f"clustering.n_clusters must be a number >= 2, auto or empty; got {k!r}")
+    if isinstance(k, int):
+        _at_least("clustering.n_clusters", k, 2)
+    _at_least("clustering.refine_k", clus.refine_k, 1)
+    morph = config.morphology
+    if morph.enabled:
+        extractors = [e for e in list_extractors() if not e.startswith(TIMM_PREFIX)]
+        if morph.features is None and not (
+            morph.extractor in extractors or morph.extractor.startswith(TIMM_PREFIX)
+        ):
+            _one_of("morphology.extractor", morph.extractor, [*extractors, "timm:<arch>"])
+        _one_of("morphology.image", morph.image, IMAGE_CHOICES)
+        _one_of("morphology.pad", morph.pad, PAD_MODES)
+        if morph.stain_norm is not None:
+            _one_of("morphology.stain_norm", morph.stain_norm, STAIN_METHODS)
+        if not morph.patch_scale > 0:
+            raise ConfigError(f"morphology.patch_scale must be > 0; got {morph.patch_scale!r}")
+        _at_least("morphology.batch_size", morph.batch_size, 1)
+        _at_least("morphology.n_comps", morph.n_comps, 2)
+        _one_of("morphology.integration", morph.integration, list_integrations())
+    if _uses_model(config):
+        m = config.model
+        _one_of("model.name", m.name, ["none", *list_models()])
+        _at_least("model.steps", m.steps, 1)  # 0 would save an untrained model as trained
+        _at_least("model.latent_dim", m.latent_dim, 1)
+        if not (isinstance(m.window, int) and m.window >= 1 and m.window % 2 == 1):
+            raise ConfigError(
+                f"model.window must be a positive odd number (the spot sits in the centre of "
+                f"its window); got {m.window!r}"
+            )
+        _at_least("model.morphology_weight", m.morphology_weight, 0)
 
 
 def _check_downstream(config: Config) -> None:

@@ -237,12 +237,17 @@ def dense_pca(X: np.ndarray, *, n_comps: int = 20, seed: int = 0) -> np.ndarray:
     """Scores of the first ``n_comps`` principal components of ``X`` (centred), float32.
 
     Randomised SVD (Halko et al.) with a fixed seed; signs fixed by each component's
-    largest-magnitude loading.
+    largest-magnitude loading. BLAS runs on one thread here: a multi-threaded sgemm sums in an
+    order that depends on the thread count, and the 7 power iterations amplify that rounding
+    (2e-4 on the scores between 1 and 2 threads), so the same seed would not give the same
+    numbers on another machine. On 14,000 x 9,000 this costs 2.5 s instead of 2.2 s.
     """
     from sklearn.utils.extmath import randomized_svd
+    from threadpoolctl import threadpool_limits
 
     Xc = X - X.mean(axis=0, dtype=np.float64).astype(np.float32)
-    U, S, Vt = randomized_svd(Xc, n_comps, n_iter=7, random_state=seed)
+    with threadpool_limits(limits=1, user_api="blas"):
+        U, S, Vt = randomized_svd(Xc, n_comps, n_iter=7, random_state=seed)
     signs = np.sign(Vt[np.arange(n_comps), np.abs(Vt).argmax(axis=1)])
     return (U * S * signs).astype(np.float32)
 
