@@ -11,9 +11,22 @@ import scipy.sparse as sp
 
 from .. import _keys as K
 from .._errors import SpatlasInputError
-from ._images import image_size
+from ._images import check_fullres_image
 from ._spaceranger import set_sample_donor
-from ._validate import check_coordinates_in_image, check_counts
+from ._validate import (
+    check_coordinates_in_image,
+    check_counts,
+    check_one_section,
+    check_scalefactors,
+    check_spot_ids,
+    check_unique,
+)
+
+# how to give a multi-section file, ending the "holds several sections" line
+SPLIT_HINT = (
+    "give it as data.h5ad with data.sample_key: {column} in the config "
+    "(Python: read_h5ad(path, sample_key='{column}'))"
+)
 
 
 def _load(path: Path) -> ad.AnnData:
@@ -22,7 +35,10 @@ def _load(path: Path) -> ad.AnnData:
     try:
         return ad.read_h5ad(path)
     except Exception as err:  # h5py / anndata raise many types for a bad file
-        raise SpatlasInputError(f"{path}: not a readable .h5ad file ({err})") from None
+        raise SpatlasInputError(
+            f"{path}: not a readable .h5ad file ({' '.join(str(err).split())}); copy it again, or "
+            "write it again with adata.write_h5ad"
+        ) from None
 
 
 def standardise_h5ad_sample(
@@ -33,6 +49,7 @@ def standardise_h5ad_sample(
     counts_layer: str | None = None,
     fullres_image: str | Path | None = None,
     where: str = "",
+    split_keys: tuple[str, ...] = (),
 ) -> ad.AnnData:
     """Bring one sample's AnnData to spatlas' layout, checking it on the way.
 
@@ -40,9 +57,23 @@ def standardise_h5ad_sample(
     ``obsm['spatial']`` must hold (x, y) spot centres in full-resolution pixels;
     ``obs['array_row'/'array_col']`` and the other 2-D ``obsm`` entries (embeddings) are kept;
     ``uns['spatial']`` is re-keyed to ``sample``.
+
+    Spot ids and gene ids must be unique, scale factors positive numbers, coordinates finite,
+    and the table must hold one section (see :func:`~spatlas.io._validate.check_one_section`;
+    ``split_keys`` are the obs columns it was already split by).
     """
     where = where or sample
-    problems = []
+    problems = check_spot_ids(adata.obs_names, where=where)
+    problems += check_unique(
+        adata.var_names,
+        what="gene id",
+        where=where,
+        units="columns",
+        fix="genes are matched across samples by id: make var_names unique (Ensembl ids, or "
+        "adata.var_names_make_unique()) and save the file again",
+    )
+    if problems:
+        raise SpatlasInputError(problems)
     if counts_layer is not None:
         if counts_layer not in adata.layers:
             raise SpatlasInputError(
@@ -69,6 +100,16 @@ def standardise_h5ad_sample(
     xy = np.asarray(adata.obsm[K.SPATIAL], dtype=np.float64)
     if xy.ndim != 2 or xy.shape[1] != 2:
         raise SpatlasInputError(f"{where}: obsm['spatial'] has shape {xy.shape}, expected (n, 2)")
+    finite = np.isfinite(xy).all(axis=1)
+    if not finite.all():
+        raise SpatlasInputError(
+            f"{where}: {int((~finite).sum())} spots have NaN or infinite coordinates in "
+            f"obsm['spatial'] (e.g. {adata.obs_names[np.flatnonzero(~finite)[0]]}); drop them or "
+            "fix their coordinates"
+        )
+    problems += check_one_section(adata.obs, xy, where=where, hint=SPLIT_HINT, exclude=split_keys)
+    if problems:
+        raise SpatlasInputError(problems)
     out = ad.AnnData(
         X=X.astype(np.float32),
         obs=adata.obs.copy(),
@@ -83,6 +124,13 @@ def standardise_h5ad_sample(
     info = dict(old[next(iter(old))]) if isinstance(old, dict) and len(old) == 1 else {}
     info.setdefault(K.IMAGES, {})
     info.setdefault(K.SCALEFACTORS, {})
+    problems += check_scalefactors(
+        dict(info[K.SCALEFACTORS]),
+        where=f"{where} uns['spatial'] scalefactors",
+        fix="copy them from the sample's scalefactors_json.json",
+    )
+    if problems:
+        raise SpatlasInputError(problems)
     info[K.METADATA] = dict(info.get(K.METADATA, {}))
     info[K.METADATA][K.FULLRES_PATH] = str(Path(fullres_image).resolve()) if fullres_image else ""
     for res, img in info[K.IMAGES].items():
@@ -94,17 +142,7 @@ def standardise_h5ad_sample(
                 )
             )
     if fullres_image is not None:
-        if not Path(fullres_image).exists():
-            problems.append(f"{fullres_image}: full-resolution image does not exist")
-        else:
-            problems.extend(
-                check_coordinates_in_image(
-                    xy,
-                    image_size(fullres_image),
-                    what=f"full-resolution image {fullres_image}",
-                    where=where,
-                )
-            )
+        problems.extend(check_fullres_image(fullres_image, xy, where=where))
     if problems:
         raise SpatlasInputError(problems)
     out.uns[K.SPATIAL] = {sample: info}
@@ -160,6 +198,12 @@ def read_h5ad(
             raise SpatlasInputError(
                 f"{path}: obs column '{key}' does not exist (columns: {', '.join(adata.obs)})"
             )
+    unnamed = adata.obs[sample_key].isna()
+    if unnamed.any():
+        raise SpatlasInputError(
+            f"{path}: {int(unnamed.sum())} spots have no value in obs['{sample_key}'] (e.g. "
+            f"{adata.obs_names[np.flatnonzero(unnamed)[0]]}); give every spot its sample"
+        )
     samples = pd.unique(adata.obs[sample_key].astype(str))
     parts = []
     for s in samples:
@@ -172,7 +216,12 @@ def read_h5ad(
             sub.uns[K.SPATIAL] = {s: adata.uns[K.SPATIAL][s]}
         parts.append(
             standardise_h5ad_sample(
-                sub, sample=s, donor=d, counts_layer=counts_layer, where=f"{path} [{s}]"
+                sub,
+                sample=s,
+                donor=d,
+                counts_layer=counts_layer,
+                where=f"{path} [{s}]",
+                split_keys=tuple(k for k in (sample_key, donor_key) if k is not None),
             )
         )
     return parts

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -16,6 +19,7 @@ from .._logging import logger
 from .._progress import progress
 from ._h5ad import read_h5ad
 from ._spaceranger import read_spaceranger
+from ._validate import check_spot_ids, first_duplicate, reading
 
 MISSING_LABELS = {"", "nan", "na", "none", "null"}
 RESERVED_OBS = {K.SAMPLE, K.DONOR, K.BARCODE, K.IN_TISSUE, K.ARRAY_ROW, K.ARRAY_COL, K.LABEL}
@@ -55,13 +59,31 @@ class SampleSpec:
 
 
 _SPEC_FIELDS = [f.name for f in fields(SampleSpec)]
+_PATH_FIELDS = ("path", "image", "annotations")
+# YAML spellings of "no value" (the text loader keeps every scalar as written)
+_YAML_NULLS = {"", "~", "null", "Null", "NULL"}
+# 3 in one sample, 3.0 in another (a label column with gaps turns float): one spelling, 3
+_INTEGRAL_FLOAT = r"^([+-]?\d+)\.0*$"
 
 
-def _clean(value) -> str | None:
+def _field(value, key: str, row: str, where: str) -> tuple[str | None, str | None]:
+    """One sheet field as the text written: (text or None, problem or None)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
+        return None, None
+    if isinstance(value, bool):
+        return None, (
+            f"{where}: {row}: {key} is the YAML boolean {value} (YAML reads yes/no/on/off/true/"
+            f"false as booleans); quote it as written, e.g. {key}: 'no'"
+        )
+    if isinstance(value, float):
+        return None, (
+            f"{where}: {row}: {key} is the number {value!r}; quote it so it is read as written "
+            f"(e.g. {key}: '1.10')"
+        )
+    if isinstance(value, list | dict):
+        return None, f"{where}: {row}: {key} is a {type(value).__name__}; give one value"
     text = str(value).strip()
-    return text or None
+    return text or None, None
 
 
 def _resolve(value: str | None, base: Path) -> str | None:
@@ -71,30 +93,86 @@ def _resolve(value: str | None, base: Path) -> str | None:
     return str(p if p.is_absolute() else (base / p))
 
 
-def specs_from_records(records: Sequence[dict], *, base: Path, where: str) -> list[SampleSpec]:
-    """Build :class:`SampleSpec` from dict rows, resolving relative paths against ``base``."""
+def _same_file_problems(specs: Sequence[SampleSpec], rows: Sequence[str], where: str) -> list[str]:
+    """Two rows naming the same Space Ranger folder / .h5ad, or the same image: name both."""
     problems = []
-    specs = []
-    unknown = sorted({k for r in records for k in r} - set(_SPEC_FIELDS))
+    for key, what in (("path", "Space Ranger folder or .h5ad"), ("image", "image")):
+        seen: dict[str, int] = {}
+        for i, spec in enumerate(specs):
+            value = getattr(spec, key)
+            if value is None:
+                continue
+            real = os.path.realpath(value)
+            if real in seen:
+                j = seen[real]
+                problems.append(
+                    f"{where}: samples {specs[j].sample} ({rows[j]}) and {spec.sample} "
+                    f"({rows[i]}) both read {value}; each sample needs its own {what} "
+                    f"(a copy-paste slip?)"
+                )
+            else:
+                seen[real] = i
+    return problems
+
+
+def specs_from_records(
+    records: Sequence[dict],
+    *,
+    base: Path,
+    where: str,
+    rows: Sequence[str] | None = None,
+) -> list[SampleSpec]:
+    """Build :class:`SampleSpec` from dict rows, resolving relative paths against ``base``.
+
+    Every field is kept as the text written (``0012`` stays ``0012``); a YAML boolean or float
+    (``donor: no``, ``sample: 1.10``) is refused with the advice to quote it. Duplicated sample
+    ids, and two samples reading the same folder / file or the same image, are refused naming
+    both rows.
+
+    Parameters
+    ----------
+    records
+        One dict per sample (keys: the :class:`SampleSpec` fields).
+    base
+        Folder relative paths are taken from.
+    where
+        The sheet (file name, or ``data.samples``), first in every problem line.
+    rows
+        How to name each record in a problem line (default ``row 1``, ``row 2``, ...).
+    """
+    rows = list(rows) if rows is not None else [f"row {i}" for i in range(1, len(records) + 1)]
+    problems = []
+    specs, spec_rows = [], []
+    unknown = sorted({str(k) for r in records for k in r} - set(_SPEC_FIELDS))
     if unknown:
         logger.warning("%s: ignoring unknown column(s) %s", where, ", ".join(unknown))
-    for i, rec in enumerate(records, start=1):
-        row = {k: _clean(rec.get(k)) for k in _SPEC_FIELDS}
+    for rec, label in zip(records, rows, strict=True):
+        row, bad = {}, set()
+        for key in _SPEC_FIELDS:
+            row[key], problem = _field(rec.get(key), key, label, where)
+            if problem:
+                problems.append(problem)
+                bad.add(key)
+        lacking = [k for k in ("sample", "path") if row[k] is None and k not in bad]
+        if lacking:
+            problems.append(f"{where}: {label} lacks " + " and ".join(lacking))
         if row["sample"] is None or row["path"] is None:
-            problems.append(
-                f"{where}: row {i} lacks "
-                + " and ".join(k for k in ("sample", "path") if row[k] is None)
-            )
             continue
-        for key in ("path", "image", "annotations"):
+        for key in _PATH_FIELDS:
             row[key] = _resolve(row[key], base)
         specs.append(SampleSpec(**row))
-    ids = [s.sample for s in specs]
-    dups = sorted({s for s in ids if ids.count(s) > 1})
+        spec_rows.append(label)
+    ids = pd.Series([s.sample for s in specs])
+    dups = list(dict.fromkeys(ids[ids.duplicated(keep=False)]))
     if dups:
-        problems.append(
-            f"{where}: duplicate sample id(s) {', '.join(dups)}; each sample needs its own id"
+        places = "; ".join(
+            f"{d} in " + " and ".join(spec_rows[i] for i in np.flatnonzero(ids == d)) for d in dups
         )
+        problems.append(
+            f"{where}: duplicate sample id(s) {', '.join(dups)} ({places}); each sample needs "
+            "its own id"
+        )
+    problems += _same_file_problems(specs, spec_rows, where)
     if not specs and not problems:
         problems.append(f"{where}: the sample sheet lists no samples")
     if problems:
@@ -102,76 +180,194 @@ def specs_from_records(records: Sequence[dict], *, base: Path, where: str) -> li
     return specs
 
 
+def _read_text(path: Path) -> str:
+    """A sheet's text: UTF-8 with or without BOM (Excel's 'CSV UTF-8'), or UTF-16 with BOM."""
+    raw = path.read_bytes()
+    if raw.startswith(b"PK\x03\x04"):
+        raise SpatlasInputError(
+            f"{path}: is an Excel workbook (.xlsx), not text; in Excel use Save As > 'CSV UTF-8'"
+        )
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SpatlasInputError(
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save the "
+            "sheet as UTF-8 ('CSV UTF-8' in Excel)"
+        ) from None
+    if "\x00" in text:
+        raise SpatlasInputError(f"{path}: holds binary data, not a text sample sheet")
+    return text
+
+
+def _delimiter(path: Path, text: str) -> str:
+    if path.suffix.lower() == ".tsv":
+        return "\t"
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            counts = {d: line.count(d) for d in (",", "\t", ";")}
+            best = max(counts, key=lambda d: counts[d])
+            return best if counts[best] else ","
+    return ","
+
+
+def _csv_records(path: Path, text: str) -> tuple[list[dict], list[str]]:
+    """Rows of a CSV / TSV sheet as dicts of the text written, with their line numbers.
+
+    ``#`` is data inside a field; only a line holding nothing but ``# ...`` in its first cell is
+    a comment. Empty rows (blank lines, a spreadsheet's trailing ``,,,,``) and empty unnamed
+    columns are skipped; CRLF line ends and a UTF-8 BOM are read as Excel writes them.
+    """
+    delimiter = _delimiter(path, text)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    header: list[str] | None = None
+    records, rows = [], []
+    for cells in reader:
+        cells = [c.strip() for c in cells]
+        if not any(cells) or (cells[0].startswith("#") and not any(cells[1:])):
+            continue
+        if header is None:
+            header = [c.lower() for c in cells]
+            named = [c for c in header if c]
+            dup = next((c for c in named if named.count(c) > 1), None)
+            if dup is not None:
+                raise SpatlasInputError(
+                    f"{path}: the header names column '{dup}' twice; each column once"
+                )
+            continue
+        line = f"line {reader.line_num}"
+        extra = cells[len(header) :]
+        if any(extra):
+            raise SpatlasInputError(
+                f"{path}: {line} has {len(cells)} fields but the header has {len(header)}; "
+                f"quote values that contain {delimiter!r}"
+            )
+        cells = cells[: len(header)] + [""] * (len(header) - len(cells))
+        unnamed = [v for name, v in zip(header, cells, strict=True) if not name and v]
+        if unnamed:
+            raise SpatlasInputError(
+                f"{path}: {line} has the value {unnamed[0]!r} in a column without a name in the "
+                "header; name the column or delete the value"
+            )
+        records.append({name: v for name, v in zip(header, cells, strict=True) if name})
+        rows.append(line)
+    if header is None:
+        raise SpatlasInputError(
+            f"{path}: the sample sheet is empty; the header must name sample, path"
+        )
+    missing = [c for c in ("sample", "path") if c not in header]
+    if missing:
+        raise SpatlasInputError(
+            f"{path}: sample sheet lacks column(s) {', '.join(missing)} (found: "
+            f"{', '.join(c for c in header if c)}); the header must name sample, donor, path"
+        )
+    return records, rows
+
+
+def _yaml_records(path: Path, text: str) -> tuple[list[dict], list[str]]:
+    """Rows of a YAML sheet, every scalar kept as the text written (``0012``, ``no``)."""
+    import yaml
+
+    class TextLoader(yaml.SafeLoader):
+        """Reads every plain scalar as a string: no octal 0012 -> 10, no ``no`` -> False."""
+
+    TextLoader.yaml_implicit_resolvers = {}
+    with reading(path, "YAML sample sheet", "check its indentation and quoting"):
+        data = yaml.load(text, Loader=TextLoader)  # a SafeLoader: no arbitrary objects
+    if isinstance(data, dict) and "samples" in data:
+        data = data["samples"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise SpatlasInputError(
+            f"{path}: YAML sample sheet must be a list of rows (sample, donor, path, ...) "
+            "or a mapping with a 'samples:' list"
+        )
+    records = [
+        {
+            str(k).strip().lower(): (None if isinstance(v, str) and v.strip() in _YAML_NULLS else v)
+            for k, v in row.items()
+        }
+        for row in data
+    ]
+    return records, [f"row {i}" for i in range(1, len(records) + 1)]
+
+
 def read_sample_sheet(path: str | Path) -> list[SampleSpec]:
     """Read a sample sheet (CSV/TSV, or YAML: a list of rows or ``{samples: [...]}``).
 
     Columns: ``sample``, ``path`` (required); ``donor``, ``image``, ``annotations``,
     ``label_column``, ``counts_layer`` (optional). Relative paths are taken from the sheet's folder.
+    Every value is read as the text written (``0012`` stays ``0012``, ``no`` stays ``no``, ``#``
+    is part of a value). A sheet saved by Excel (UTF-8 BOM, CRLF line ends, ``;`` separators,
+    trailing empty rows) reads as written.
     """
     path = Path(path)
     if not path.exists():
         raise SpatlasInputError(f"{path}: sample sheet does not exist")
+    if path.is_dir():
+        raise SpatlasInputError(f"{path}: is a folder; give the sample sheet file (CSV/TSV/YAML)")
     suffix = path.suffix.lower()
-    try:
-        if suffix in {".yaml", ".yml"}:
-            import yaml
-
-            with open(path) as fh:
-                data = yaml.safe_load(fh)
-            if isinstance(data, dict) and "samples" in data:
-                data = data["samples"]
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise SpatlasInputError(
-                    f"{path}: YAML sample sheet must be a list of rows (sample, donor, path, ...) "
-                    "or a mapping with a 'samples:' list"
-                )
-            records = data
-        elif suffix in {".csv", ".tsv", ".txt"}:
-            sep = "\t" if suffix == ".tsv" else None
-            df = pd.read_csv(path, sep=sep, engine="python", dtype=str, comment="#")
-            df.columns = [str(c).strip().lower() for c in df.columns]
-            missing = [c for c in ("sample", "path") if c not in df.columns]
-            if missing:
-                raise SpatlasInputError(
-                    f"{path}: sample sheet lacks column(s) {', '.join(missing)} (found: "
-                    f"{', '.join(df.columns)}); the header must name sample, donor, path"
-                )
-            records = df.to_dict(orient="records")
-        else:
-            raise SpatlasInputError(
-                f"{path}: unknown sample sheet format '{suffix}'; use .csv, .tsv or .yaml"
-            )
-    except (OSError, ValueError) as err:
-        if isinstance(err, SpatlasInputError):
-            raise
-        raise SpatlasInputError(f"{path}: cannot parse sample sheet ({err})") from None
-    except Exception as err:  # yaml.YAMLError and friends
-        raise SpatlasInputError(f"{path}: cannot parse sample sheet ({err})") from None
-    return specs_from_records(records, base=path.parent, where=str(path))
+    if suffix not in {".yaml", ".yml", ".csv", ".tsv", ".txt"}:
+        raise SpatlasInputError(
+            f"{path}: unknown sample sheet format '{suffix}'; use .csv, .tsv or .yaml"
+        )
+    with reading(path, "sample sheet", "save it as UTF-8 text"):
+        text = _read_text(path)
+    if suffix in {".yaml", ".yml"}:
+        records, rows = _yaml_records(path, text)
+    else:
+        records, rows = _csv_records(path, text)
+    return specs_from_records(records, base=path.parent, where=str(path), rows=rows)
 
 
 def _read_annotations(path: Path, *, where: str) -> pd.DataFrame:
+    """Per-spot annotations keyed by barcode (a ``barcode`` column, else the first column)."""
     if not path.exists():
         raise SpatlasInputError(f"{where}: annotations file {path} does not exist")
     sep = "\t" if ".tsv" in path.suffixes or ".txt" in path.suffixes else ","
-    try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    except (OSError, ValueError) as err:
-        raise SpatlasInputError(f"{where}: cannot read annotations {path} ({err})") from None
+    with reading(path, "annotations table", "save it as a CSV/TSV with one row per barcode"):
+        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    df.columns = [str(c).strip() for c in df.columns]
+    blank = (df.apply(lambda col: col.str.strip()) == "").all(axis=1)
+    df = df.loc[~blank.to_numpy()]  # a spreadsheet's trailing ,,,, rows
     key = "barcode" if "barcode" in df.columns else df.columns[0]
     df = df.set_index(key)
-    df.index = df.index.astype(str)
+    df.index = df.index.astype(str).str.strip()
+    dup = first_duplicate(df.index)
+    if dup is not None:
+        value, first, second, repeats = dup
+        positions = np.flatnonzero(~blank.to_numpy()) + 2  # file lines (the header is line 1)
+        more = f", and {repeats - 1} more repeat(s)" if repeats > 1 else ""
+        raise SpatlasInputError(
+            f"{path}: barcode {value} appears twice (lines {positions[first]} and "
+            f"{positions[second]}{more}); keep one row per spot"
+        )
     return df
 
 
 def _labels_to_obs(values: pd.Series) -> pd.Categorical:
+    """Ground-truth labels as text: missing spellings to NaN, ``3.0`` to ``3`` (see above)."""
     text = values.astype(str).str.strip()
     text = text.where(~text.str.lower().isin(MISSING_LABELS))
+    text = text.str.replace(_INTEGRAL_FLOAT, r"\1", regex=True)
     return pd.Categorical(text)
 
 
 def read_sample(spec: SampleSpec) -> ad.AnnData:
-    """Read and check the sample a :class:`SampleSpec` describes (labels into ``obs['label']``)."""
+    """Read and check the sample a :class:`SampleSpec` describes (labels into ``obs['label']``).
+
+    Raises
+    ------
+    SpatlasInputError
+        One line per problem; an unexpected error inside a reader also becomes one line naming
+        the sample and its path.
+    """
+    fix = "check that the files this sample's row names are intact and of the right kind"
+    with reading(spec.path, f"sample {spec.sample}", fix):
+        return _read_sample(spec)
+
+
+def _read_sample(spec: SampleSpec) -> ad.AnnData:
     path = Path(spec.path)
     where = f"sample {spec.sample}"
     if not path.exists():
@@ -236,8 +432,20 @@ def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.A
     ``obs_names`` become ``{barcode}-{sample}``; ``obs['sample']`` and ``obs['donor']`` are
     categorical in the given order; ``uns['spatial']`` holds every sample's entry; ``obsm``
     entries that every sample has with the same width are kept.
+
+    Raises
+    ------
+    SpatlasInputError
+        When two samples share an id, the samples share no gene (inner join), or two spots end up
+        with one id.
     """
     samples = [str(a.obs[K.SAMPLE].iloc[0]) for a in adatas]
+    dup = first_duplicate(samples)
+    if dup is not None:
+        raise SpatlasInputError(
+            f"samples {dup[1] + 1} and {dup[2] + 1} are both called {dup[0]}; each sample needs "
+            "its own id"
+        )
     if join == "inner":
         shared = set(adatas[0].var_names)
         for a in adatas[1:]:
@@ -284,6 +492,9 @@ def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.A
     if K.LABEL in cohort.obs:
         cohort.obs[K.LABEL] = _labels_to_obs(cohort.obs[K.LABEL])
     cohort.uns[K.SPATIAL] = {s: a.uns[K.SPATIAL][s] for s, a in zip(samples, adatas, strict=True)}
+    problems = check_spot_ids(cohort.obs_names, where="cohort")
+    if problems:
+        raise SpatlasInputError(problems)
     return cohort
 
 
@@ -360,23 +571,42 @@ def summarize_cohort(adata: ad.AnnData) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _is_run_config(path: Path) -> bool:
+    """A YAML file with a ``data:`` section is a run config, not a sample sheet."""
+    if path.suffix.lower() not in {".yaml", ".yml"} or not path.is_file():
+        return False
+    import yaml
+
+    try:
+        data = yaml.safe_load(_read_text(path))
+    except Exception:  # not YAML: read_sample_sheet says why
+        return False
+    return isinstance(data, dict) and "data" in data and "samples" not in data
+
+
 def validate_sheet(path: str | Path) -> tuple[pd.DataFrame | None, list[str]]:
-    """Check a sample sheet and all its samples.
+    """Check a sample sheet (or a run config) and every sample it names, as ``spatlas run`` does.
+
+    The checks are those of the run's load step (:func:`read_cohort`; for a run config, its
+    config checks and :func:`spatlas.pipeline.load_cohort`), so what passes here is not refused
+    when a run loads it.
 
     Returns
     -------
     (summary, problems): the per-sample summary (``None`` when there are problems) and one line per
     problem found (empty when the cohort can be used).
     """
+    path = Path(path)
     try:
-        specs = read_sample_sheet(path)
-    except SpatlasInputError as err:
-        return None, err.problems
-    adatas, problems = _read_all(specs)
-    if problems:
-        return None, problems
-    try:
-        cohort = concat_samples(adatas)
+        if _is_run_config(path):
+            from .._config import load_config
+            from ..pipeline import check_config, load_cohort
+
+            config = load_config(path)
+            check_config(config)
+            cohort = load_cohort(config)
+        else:
+            cohort = read_cohort(path)
     except SpatlasInputError as err:
         return None, err.problems
     return summarize_cohort(cohort), []

@@ -12,9 +12,16 @@ import pandas as pd
 from .. import _keys as K
 from .._errors import SpatlasInputError
 from .._logging import logger
-from ._images import image_size, read_image
+from ._images import MAX_TISSUE_IMAGE_PIXELS, check_fullres_image, read_image
 from ._tenx import read_10x_h5, read_10x_mtx
-from ._validate import check_coordinates_in_image, check_counts
+from ._validate import (
+    check_coordinates_in_image,
+    check_counts,
+    check_scalefactors,
+    check_unique,
+    open_maybe_gzip,
+    reading,
+)
 
 POSITION_COLUMNS = [
     "barcode",
@@ -50,18 +57,18 @@ def read_positions(path: str | Path) -> pd.DataFrame:
     pxl_col_in_fullres.
     """
     path = Path(path)
-    try:
+    fix = "copy spatial/ again from the Space Ranger run of this sample"
+    with reading(path, "spot positions", fix):
         if ".parquet" in path.suffixes:
             df = pd.read_parquet(path)
         else:
-            df = pd.read_csv(path, header=None, dtype=str)
+            with open_maybe_gzip(path) as fh:
+                df = pd.read_csv(fh, header=None, dtype=str, encoding="utf-8-sig")
             if df.iloc[0, 0] == "barcode" or "in_tissue" in set(df.iloc[0]):
                 df.columns = df.iloc[0]
                 df = df.iloc[1:]
             elif df.shape[1] == len(POSITION_COLUMNS):
                 df.columns = POSITION_COLUMNS
-    except (OSError, ValueError) as err:
-        raise SpatlasInputError(f"{path}: cannot read spot positions ({err})") from None
     missing = [c for c in POSITION_COLUMNS if c not in df.columns]
     if missing:
         raise SpatlasInputError(
@@ -76,27 +83,56 @@ def read_positions(path: str | Path) -> pd.DataFrame:
         for col in POSITION_COLUMNS[4:]:
             df[col] = pd.to_numeric(df[col]).astype(np.float64)
     except (ValueError, TypeError) as err:
-        raise SpatlasInputError(f"{path}: non-numeric spot positions ({err})") from None
-    if df["barcode"].duplicated().any():
-        dup = df.loc[df["barcode"].duplicated(), "barcode"].iloc[0]
-        raise SpatlasInputError(f"{path}: barcode {dup} appears more than once")
+        raise SpatlasInputError(f"{path}: non-numeric spot positions ({err}); {fix}") from None
+    problems = check_unique(
+        df["barcode"].to_numpy(),
+        what="barcode",
+        where=str(path),
+        units="rows",
+        fix="each spot has one position; " + fix,
+    )
+    grid = df["array_row"].astype(str) + "," + df["array_col"].astype(str)
+    problems += check_unique(
+        grid.to_numpy(),
+        what="array position (row,col)",
+        where=str(path),
+        units="rows",
+        fix="two spots cannot share a place on the slide; " + fix,
+    )
+    if problems:
+        raise SpatlasInputError(problems[:1])
     return df.set_index("barcode")
 
 
 def read_scalefactors(path: str | Path) -> dict[str, float]:
-    """Read ``scalefactors_json.json``; ``spot_diameter_fullres`` is required."""
+    """Read ``scalefactors_json.json`` and check its numbers.
+
+    ``spot_diameter_fullres``, ``tissue_hires_scalef`` and ``tissue_lowres_scalef`` (Space Ranger
+    writes all three) are required; every scale factor and size present must be a positive,
+    finite JSON number (not a string, a boolean, 0 or NaN).
+    """
     path = Path(path)
-    try:
-        with open(path) as fh:
-            sf = json.load(fh)
-    except (OSError, json.JSONDecodeError) as err:
-        raise SpatlasInputError(f"{path}: cannot read scalefactors ({err})") from None
-    if not isinstance(sf, dict) or K.SPOT_DIAMETER not in sf:
+    fix = "use the scalefactors_json.json that Space Ranger wrote for this sample"
+    with (
+        reading(path, "scalefactors (not valid JSON)", fix),
+        open(path, encoding="utf-8-sig") as fh,
+    ):
+        sf = json.load(fh)
+    if not isinstance(sf, dict):
         raise SpatlasInputError(
-            f"{path}: scalefactors lack '{K.SPOT_DIAMETER}' (the spot size in full-resolution "
-            "pixels); use the scalefactors_json.json that Space Ranger wrote for this sample"
+            f"{path}: scalefactors must be a JSON object of named numbers, got a "
+            f"{type(sf).__name__}; {fix}"
         )
-    return {str(k): float(v) for k, v in sf.items() if isinstance(v, int | float)}
+    problems = check_scalefactors(
+        sf, where=str(path), required=(K.SPOT_DIAMETER, K.HIRES_SCALEF, K.LOWRES_SCALEF), fix=fix
+    )
+    if problems:
+        raise SpatlasInputError(problems)
+    return {
+        str(k): float(v)
+        for k, v in sf.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def read_spaceranger(
@@ -209,15 +245,14 @@ def read_spaceranger(
         for res, name in IMAGE_FILES.items():
             img_path = _find(path, [name])
             if img_path is not None:
-                images[res] = read_image(img_path)
+                images[res] = read_image(
+                    img_path,
+                    max_pixels=MAX_TISSUE_IMAGE_PIXELS,
+                    fix=f"Space Ranger writes it at most 6,000 px wide: copy {name} again from "
+                    "the Space Ranger run of this sample",
+                )
     for res, img in images.items():
-        scalef = scalefactors.get(f"tissue_{res}_scalef")
-        if scalef is None:
-            problems.append(
-                f"{path}: {SCALEFACTORS_FILE} lacks tissue_{res}_scalef, needed to place spots on "
-                f"tissue_{res}_image.png"
-            )
-            continue
+        scalef = scalefactors[f"tissue_{res}_scalef"]
         problems.extend(
             check_coordinates_in_image(
                 xy * scalef,
@@ -227,14 +262,7 @@ def read_spaceranger(
             )
         )
     if fullres_image is not None:
-        problems.extend(
-            check_coordinates_in_image(
-                xy,
-                image_size(fullres_image),
-                what=f"full-resolution image {fullres_image}",
-                where=str(path),
-            )
-        )
+        problems.extend(check_fullres_image(fullres_image, xy, where=str(path)))
     if problems:
         raise SpatlasInputError(problems)
 
