@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -33,7 +34,11 @@ def _load(path: Path) -> ad.AnnData:
     if not path.exists():
         raise SpatlasInputError(f"{path}: file does not exist")
     try:
-        return ad.read_h5ad(path)
+        with warnings.catch_warnings():  # repeated names are reported as one line, below
+            warnings.filterwarnings(
+                "ignore", message=".* names are not unique", category=UserWarning
+            )
+            return ad.read_h5ad(path)
     except Exception as err:  # h5py / anndata raise many types for a bad file
         raise SpatlasInputError(
             f"{path}: not a readable .h5ad file ({' '.join(str(err).split())}); copy it again, or "
