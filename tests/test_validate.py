@@ -1,25 +1,100 @@
+import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from spatlas import _keys as K
 from spatlas.cli import main
 from spatlas.datasets._demo import dlpfc_demo_sheet
+from spatlas.io import read_cohort, read_h5ad, read_spaceranger, validate_sheet, write_h5ad
 
-from bad_inputs import CASES
+from bad_inputs import ACCEPTED, CASES, CLASS_OF, CLASSES, _stacked_sections_h5ad
+from spaceranger_fixtures import make_spaceranger
+
+
+def _snapshot(root: Path) -> dict[Path, str]:
+    """path -> sha256 of every file under ``root``."""
+    return {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _assert_unchanged(before: dict[Path, str]) -> None:
+    for path, digest in before.items():
+        assert path.is_file(), f"{path} was removed"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{path} was changed"
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_gives_one_clear_error_and_exit_code_2(name, tmp_path, capsys):
     build, fragment = CASES[name]
     argv = build(tmp_path)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
     code = main(argv)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert code == 2
-    assert lines, err
-    assert any(fragment in line for line in lines), err
+    assert code == 2, err
     assert "Traceback" not in err
+    assert lines, err
+    assert fragment in lines[0], err
+    _assert_unchanged(before)
+
+
+def test_every_case_has_a_class():
+    assert set(CLASS_OF) == set(CASES)
+    assert set(CLASS_OF.values()) <= set(CLASSES)
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_valid_input_real_users_send_is_accepted_as_written(name, tmp_path, capsys):
+    argv, check = ACCEPTED[name](tmp_path)
+    before = _snapshot(tmp_path)
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "error: " not in captured.err
+    check(captured.out)
+    _assert_unchanged(before)
+
+
+def test_labels_3_and_3_0_are_one_class_across_the_cohort(tmp_path):
+    argv, _ = ACCEPTED["labels 3 in one sample, 3.0 in another"](tmp_path)
+    cohort = read_cohort(argv[1])
+    assert cohort.obs[K.LABEL].cat.categories.tolist() == ["3", "4"]
+    assert cohort.obs[K.LABEL].value_counts().to_dict() == {"3": 50, "4": 50}
+
+
+def test_sample_ids_and_donors_are_kept_as_written(tmp_path):
+    argv, _ = ACCEPTED["YAML sample: 0012, donor: no, sample: 1.10"](tmp_path)
+    summary, problems = validate_sheet(argv[1])
+    assert problems == []
+    assert summary["sample"].tolist() == ["0012", "1.10"]
+    assert summary["donor"].tolist() == ["no", "on"]
+
+
+def test_stacked_sections_split_by_their_column_are_accepted(tmp_path):
+    path = _stacked_sections_h5ad(tmp_path)
+    parts = read_h5ad(path, sample_key="section", donor_key="patient")
+    assert [p.obs[K.SAMPLE].iloc[0] for p in parts] == ["A1", "A2"]
+    assert [p.n_obs for p in parts] == [50, 50]
+
+
+def test_one_section_with_a_region_column_is_not_taken_for_several(tmp_path):
+    # a column naming regions of one section (side by side, not overlapping) is no evidence
+    folder, _, _ = make_spaceranger(tmp_path, "v1_h5", n_spots=300, n_genes=20)
+    one = read_spaceranger(folder, sample="S")
+    x = one.obsm[K.SPATIAL][:, 0]
+    one.obs["section"] = (x > x.mean()).astype(str)
+    one.obs = one.obs.drop(columns=[K.ARRAY_ROW, K.ARRAY_COL])
+    path = tmp_path / "one.h5ad"
+    write_h5ad(one, path)
+    assert read_h5ad(path, sample="S").n_obs == 300
 
 
 def test_run_refuses_non_empty_folder_and_keeps_its_files(tmp_path, capsys):
