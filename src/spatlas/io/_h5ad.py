@@ -21,8 +21,13 @@ from ._validate import (
     check_scalefactors,
     check_spot_ids,
     check_unique,
+    reading,
 )
 
+_H5AD_FIX = (
+    "spatlas needs raw counts in X (or counts_layer), spot centres in obsm['spatial'] and "
+    "images / scalefactors in uns['spatial'] as scanpy writes them"
+)
 # how to give a multi-section file, ending the "holds several sections" line
 SPLIT_HINT = (
     "give it as data.h5ad with data.sample_key: {column} in the config "
@@ -184,9 +189,40 @@ def read_h5ad(
     Returns
     -------
     One standardised AnnData (see :func:`standardise_h5ad_sample`) or, with ``sample_key``, a list.
+
+    Raises
+    ------
+    SpatlasInputError
+        One line per problem (see :func:`standardise_h5ad_sample`); a file holding several
+        sections read as one sample is refused with the ``sample_key`` to use; an unexpected error
+        inside a reader also becomes one line naming the file.
     """
     path = Path(path)
     adata = _load(path)
+    with reading(path, ".h5ad input", _H5AD_FIX):
+        return _split(
+            adata,
+            path,
+            sample=sample,
+            donor=donor,
+            sample_key=sample_key,
+            donor_key=donor_key,
+            counts_layer=counts_layer,
+            fullres_image=fullres_image,
+        )
+
+
+def _split(
+    adata: ad.AnnData,
+    path: Path,
+    *,
+    sample: str | None,
+    donor: str | None,
+    sample_key: str | None,
+    donor_key: str | None,
+    counts_layer: str | None,
+    fullres_image: str | Path | None,
+) -> ad.AnnData | list[ad.AnnData]:
     if sample_key is None:
         if sample is None:
             raise SpatlasInputError(f"{path}: give a sample id (sample=...) or a sample_key column")

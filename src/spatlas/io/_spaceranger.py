@@ -178,9 +178,31 @@ def read_spaceranger(
     ------
     SpatlasInputError
         With one line per problem found (missing files, barcodes without positions, counts that
-        are not raw integer counts, coordinates outside the images, an empty sample).
+        are not raw integer counts, coordinates outside the images, an empty sample); an
+        unexpected error inside a reader also becomes one line naming the folder.
     """
-    path = Path(path)
+    with reading(path, "Space Ranger output", "check that it is an intact Space Ranger outs/"):
+        return _read_spaceranger(
+            Path(path),
+            sample=sample,
+            donor=donor,
+            counts_file=counts_file,
+            fullres_image=fullres_image,
+            load_images=load_images,
+            in_tissue_only=in_tissue_only,
+        )
+
+
+def _read_spaceranger(
+    path: Path,
+    *,
+    sample: str,
+    donor: str | None,
+    counts_file: str | Path | None,
+    fullres_image: str | Path | None,
+    load_images: bool,
+    in_tissue_only: bool,
+) -> ad.AnnData:
     if not path.exists():
         raise SpatlasInputError(f"{path}: folder does not exist")
     if not path.is_dir():
