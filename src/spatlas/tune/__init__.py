@@ -7,10 +7,19 @@
     result = spatlas.tune.benchmark(config, out="bench/")      # spatlas benchmark CONFIG --out DIR
 
 The search runs on the ``local`` backend (a process pool) or on ``ray``; both give the same
-numbers. See :mod:`spatlas.tune._search` for the layout of a search folder.
+numbers. See :mod:`spatlas.tune._search` for the layout of a search folder and what a rerun
+into it does (resume, or refuse other config / input data); damaged cache entries are
+recomputed, and SIGINT / SIGTERM stop the workers at once, keeping every finished step.
 """
 
-from ._backends import BACKENDS, LocalBackend, RayBackend, TaskFailed, make_backend
+from ._backends import (
+    BACKENDS,
+    LocalBackend,
+    RayBackend,
+    SearchInterrupted,
+    TaskFailed,
+    make_backend,
+)
 from ._grid import (
     CLUSTERING_GRID,
     MODEL_GRIDS,
@@ -31,6 +40,7 @@ __all__ = [
     "LocalBackend",
     "Pipeline",
     "RayBackend",
+    "SearchInterrupted",
     "SearchResult",
     "TaskFailed",
     "benchmark",

@@ -2,14 +2,24 @@
 
 Both run the same task dicts through :func:`spatlas.tune._tasks.run_task`, with the same thread
 limit per task, so both give the same numbers and hence the same chosen configurations.
+
+Faults: inside :func:`stop_on_signals` SIGINT and SIGTERM raise :class:`SearchInterrupted`; the
+search then closes its backend with ``abort=True``, which terminates the local workers at once
+(a task in flight is lost, its finished ones stay cached). Local workers also die with the search
+process if it is killed outright (``PR_SET_PDEATHSIG`` on Linux) and leave Ctrl-C to it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Any
 
 from .._errors import ConfigError, SpatlasError
@@ -22,6 +32,72 @@ BACKENDS = ("local", "ray")
 
 class TaskFailed(SpatlasError, RuntimeError):
     """A search task raised; the finished tasks are kept and a rerun resumes."""
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached a search; its workers are stopped, its finished steps kept.
+
+    Attributes
+    ----------
+    signum
+        The signal's number (``exit_code`` is the shell's ``128 + signum``).
+    """
+
+    def __init__(self, signum: int):
+        self.signum = int(signum)
+        self.name = signal.Signals(signum).name
+        self.exit_code = 128 + self.signum
+        super().__init__(self.name)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside the block, SIGINT and SIGTERM raise :class:`SearchInterrupted` in the main thread.
+
+    The exception unwinds the search like Ctrl-C does, so its ``finally`` blocks stop the
+    workers. A second signal while they are being stopped is ignored; the previous handlers
+    are restored on leaving. A signal ignored before (``nohup``, background jobs) stays ignored;
+    outside the main thread nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def interrupt(signum: int, frame: Any) -> None:
+        for number in previous:
+            signal.signal(number, signal.SIG_IGN)
+        raise SearchInterrupted(signum)
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if handler is signal.SIG_IGN:
+            continue
+        previous[number] = handler
+        signal.signal(number, interrupt)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _init_worker(parent: int) -> None:
+    """Start-up of a local worker: it dies with the search process and leaves Ctrl-C to it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the search stops its workers itself
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: close() still stops us
+            pass
+    if os.getppid() != parent:  # the search died before prctl took effect
+        os._exit(1)
 
 
 def default_workers() -> int:
@@ -48,7 +124,10 @@ class LocalBackend:
 
             # spawn: a forked child of a process that has used torch or OpenMP can hang
             self._pool = ProcessPoolExecutor(
-                max_workers=self.n_workers, mp_context=mp.get_context("spawn")
+                max_workers=self.n_workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(os.getpid(),),
             )
         return self._pool
 
@@ -83,11 +162,21 @@ class LocalBackend:
             for future in pending:
                 future.cancel()
 
-    def close(self) -> None:
-        """Stop the worker processes."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, *, abort: bool = False) -> None:
+        """Stop the worker processes.
+
+        Parameters
+        ----------
+        abort
+            Terminate them now, also in the middle of a task (after a failure or a signal);
+            otherwise they finish what they run.
+        """
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        if abort:
+            _terminate(list((getattr(pool, "_processes", None) or {}).values()))
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RayBackend:
@@ -143,10 +232,28 @@ class RayBackend:
             for ref in refs:
                 self.ray.cancel(ref, force=True)
 
-    def close(self) -> None:
-        """Shut down the local Ray this backend started (a cluster is left running)."""
+    def close(self, *, abort: bool = False) -> None:
+        """Shut down the local Ray this backend started (a cluster is left running).
+
+        Tasks still running were cancelled (forced) when :meth:`run` was left; ``abort`` is
+        accepted for the same call as the local backend.
+        """
         if self.started:
             self.ray.shutdown()
+            self.started = False
+
+
+def _terminate(processes: Sequence[Any], timeout: float = 5.0) -> None:
+    """SIGTERM each live process, then SIGKILL those still alive after ``timeout`` seconds."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(1.0)
 
 
 def _guarded(fn: Callable[[dict], dict], task: dict) -> dict:

@@ -2,7 +2,8 @@
 
 Layout of a search folder (``spatlas tune`` / ``spatlas benchmark`` ``--out DIR``)::
 
-    search.json        what was searched (config, pipelines, folds); a rerun must match it
+    search.json        what was searched (config, pipelines, folds, input fingerprint);
+                       a rerun must match it
     config.yaml        the resolved config
     splits.csv         fold, role (tune / test), groups, samples
     trials.csv         every trial: pipeline, fold, parameters, tuning-side scores
@@ -12,17 +13,38 @@ Layout of a search folder (``spatlas tune`` / ``spatlas benchmark`` ``--out DIR`
     summary.md/.png    the same as a Markdown table (with the gains) and a bar plot
     gains.csv          relative gain of each ``<method>+<model>`` over ``<method>``
     tasks.jsonl        every finished task with its seconds
-    cache/             prepared sides and the embeddings of finished steps (resume from here)
+    cache/             prepared sides and the embeddings of finished steps (resume from here),
+                       each with its checksum (``<file>.sha256``); ``inputs.npz``: per-spot
+                       hashes of the input data (to say what changed)
     report.html        tables, bar plot, config (``spatlas report DIR`` rebuilds it)
+    .search.lock       held by the search running in the folder
 
-Each step writes its own file through a temporary name, so an interrupted search keeps every
-finished step and a rerun with the same config and ``--out`` continues where it stopped.
+Each step writes its own cache entry through a temporary name, so an interrupted search keeps
+every finished step and a rerun with the same config, the same input data and ``--out``
+continues where it stopped.
+
+What a rerun into an existing folder does:
+
+- another config, pipelines or **input data** (the fingerprint of what the search read, see
+  :mod:`spatlas.tune._inputs`): refused, naming what changed (``labels changed in 12 spots``);
+  the old search is left as it was. Recomputing in place would silently replace the old
+  results, so the user chooses: a new ``--out``, or delete the folder to start over. Every cache
+  key also holds the input fingerprint, so no step is ever reused for other data.
+- a cache entry that is truncated, emptied or damaged: logged ("cache entry X is corrupt:
+  recomputing"), removed and recomputed (see :mod:`spatlas.tune._cache`); a ``search.json``
+  that cannot be read is refused (the folder cannot be checked against the search).
+- a search still running in the folder: refused (the folder's lock is held).
+- SIGINT / SIGTERM: the workers are terminated at once, one line is logged, and the search
+  raises :class:`~spatlas.tune.SearchInterrupted` (SIGINT) or exits with status 143 (SIGTERM,
+  whose default is to end the process); every finished step is kept and a rerun resumes.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +60,8 @@ from .._errors import ConfigError, SpatlasInputError
 from .._logging import add_file_handler, logger
 from .._progress import progress
 from ..io._write import atomic_path
-from ._backends import BACKENDS, make_backend
+from ._backends import BACKENDS, SearchInterrupted, make_backend, stop_on_signals
+from ._cache import entry_ok, entry_problem, remove_temporaries, write_entry
 from ._grid import (
     Pipeline,
     apply_point,
@@ -49,6 +72,7 @@ from ._grid import (
     stable_hash,
     validate,
 )
+from ._inputs import describe_changes, fingerprint, inputs_key
 from ._splits import Fold, check_folds, donor_splits, sample_groups, side_samples
 from ._tasks import save_json
 
@@ -66,6 +90,9 @@ def model_cache_key(integrate_key: str, model: Mapping, k: int) -> str:
 
 
 SPEC_FILE = "search.json"
+LOCK_FILE = ".search.lock"
+INPUTS_FILE = "cache/inputs.npz"
+TASK_LOG = "tasks.jsonl"
 LEVELS = ("integrate", "model", "score")
 TABLE_METRICS = ("composite", "ari", "nmi", "asw_label", "ilisi", "kbet", "ari_donor")
 
@@ -107,13 +134,21 @@ def tune(
     config
         A run config with a ``tune`` section (task, group key, grids, backend).
     out
-        Search folder; a rerun with the same config continues an interrupted search.
+        Search folder; a rerun with the same config and input data continues an interrupted
+        search (another config or other data is refused; see the module doc).
     backend, n_workers, address
         Override ``tune.backend``, ``tune.n_workers``, ``tune.address``.
 
     Returns
     -------
     SearchResult
+
+    Raises
+    ------
+    SpatlasInputError
+        ``out`` holds another search (config or input data), is in use or is not writable.
+    SearchInterrupted
+        SIGINT reached the search (SIGTERM exits with status 143); see the module doc.
     """
     integ, model = _pipeline().integration_method(config), config.model.name or "none"
     name = integ if model == "none" else f"{integ}+{model}"
@@ -212,6 +247,8 @@ def search(
     k = run_pipeline._n_clusters(config, adata)
     if not isinstance(k, int):
         raise ConfigError("the search needs a fixed number of domains: set clustering.n_clusters")
+    # what the search read: a rerun on other data must not resume from these steps
+    digests, per_spot = fingerprint(adata, morphology=base["morphology"] if morphology else None)
     # where the steps run does not change their results: a search may resume on another backend
     spec_config = copy.deepcopy(base)
     for key in ("backend", "n_workers", "address"):
@@ -222,73 +259,108 @@ def search(
         "pipelines": [p.__dict__ for p in pipelines],
         "folds": [{"tune": f.tune_groups, "test": [list(s) for s in f.test_sides]} for f in folds],
         "n_clusters": k,
+        "inputs": digests,
     }
-    resumed = _open_folder(out, spec)
+    side_base = stable_hash(
+        inputs_key(digests),
+        {name: v for name, v in spec_config.items() if name not in ("tune", "benchmark")},
+    )
+    resumed, lock = _open_folder(out, spec, per_spot)
     handler = add_file_handler(out / "search.log")
     try:
-        logger.info(
-            "%s: %d pipeline(s), %d fold(s) (%s by '%s'), %d domains, backend %s%s",
-            kind,
-            len(pipelines),
-            len(folds),
-            t.task,
-            t.group_key,
-            k,
-            backend,
-            " (resuming)" if resumed else "",
-        )
-        _write_splits(out, folds, groups)
-        sides = _prepare_sides(config, adata, folds, groups, out)
-        del adata
-        runner = make_backend(backend, n_workers=n_workers, address=address, threads=t.threads)
-        try:
-            ctx = _Context(out, sides, k, t.lam, t.threads, config.data.exclude_labels)
-            tune_trials, tasks = [], {}
-            for p in pipelines:
-                pbase, points = plans[p.name]
-                for fold in folds:
-                    side = _side_id(fold.tune_groups)
-                    for point in points:
-                        cfg = apply_point(pbase, point)
-                        tune_trials.append(
-                            ctx.chain(p.name, fold.index, "tune", side, point, cfg, tasks)
-                        )
-            n_points = {name: len(points) for name, (_, points) in plans.items()}
+        with stop_on_signals():
             logger.info(
-                "%s: grid points per fold: %s; %d distinct steps",
+                "%s: %d pipeline(s), %d fold(s) (%s by '%s'), %d domains, backend %s%s",
                 kind,
-                ", ".join(f"{name} {n}" for name, n in n_points.items()),
-                len(tasks),
+                len(pipelines),
+                len(folds),
+                t.task,
+                t.group_key,
+                k,
+                backend,
+                " (resuming)" if resumed else "",
             )
-            _execute(runner, tasks, out, desc="tuning")
-            trials = _trial_table(tune_trials, ctx)
-            chosen = _choose(trials, folds)
-            test_trials, tasks = [], {}
-            for row in chosen.itertuples():
-                pbase, points = plans[row.pipeline]
-                point = points[row.point_index]
-                cfg = apply_point(pbase, point)
-                for side_groups in folds[row.fold].test_sides:
-                    test_trials.append(
-                        ctx.chain(
-                            row.pipeline, row.fold, "test", _side_id(side_groups), point, cfg, tasks
-                        )
-                    )
-            _execute(runner, tasks, out, desc="testing")
-        finally:
+            _write_splits(out, folds, groups)
+            sides = _prepare_sides(config, adata, folds, groups, out, side_base)
+            del adata
+            runner = make_backend(backend, n_workers=n_workers, address=address, threads=t.threads)
+            try:
+                trials, chosen, test_trials, ctx = _run_trials(
+                    runner, plans, pipelines, folds, sides, out, k, config, kind
+                )
+            except BaseException:
+                runner.close(abort=True)  # a failure or a signal: do not wait for the workers
+                raise
             runner.close()
-        test = _test_table(test_trials, ctx, groups)
-        summary = summarize(test)
-        seconds = time.perf_counter() - start
-        _write_tables(out, trials, chosen, test, summary, config)
-        _write_report(out)
-        logger.info("%s written to %s in %.0f s", kind, out, seconds)
-        if len(summary):
-            logger.info("test ARI per group:\n%s", summary.to_string(float_format="%.3f"))
+            test = _test_table(test_trials, ctx, groups)
+            summary = summarize(test)
+            seconds = time.perf_counter() - start
+            _write_tables(out, trials, chosen, test, summary, config)
+            _write_report(out)
+            logger.info("%s written to %s in %.0f s", kind, out, seconds)
+            if len(summary):
+                logger.info("test ARI per group:\n%s", summary.to_string(float_format="%.3f"))
+    except SearchInterrupted as err:
+        logger.error(
+            "%s stopped by %s: its worker processes were stopped; the finished steps are kept "
+            "in %s and the same command resumes the search",
+            kind,
+            err.name,
+            out,
+        )
+        if err.signum == signal.SIGTERM:  # SIGTERM's default is to end the process
+            raise SystemExit(err.exit_code) from None
+        raise
     finally:
         logger.removeHandler(handler)
         handler.close()
+        _release(lock)
     return SearchResult(out, trials, chosen, test, summary, seconds)
+
+
+def _run_trials(
+    runner: Any,
+    plans: Mapping[str, tuple[dict, list[dict]]],
+    pipelines: Sequence[Pipeline],
+    folds: Sequence[Fold],
+    sides: dict[str, str],
+    out: Path,
+    k: int,
+    config: Config,
+    kind: str,
+) -> tuple[pd.DataFrame, pd.DataFrame, list[_Trial], _Context]:
+    """Tune every pipeline on each fold's tuning side, then test the winners."""
+    t = config.tune
+    ctx = _Context(out, sides, k, t.lam, t.threads, config.data.exclude_labels)
+    tune_trials, tasks = [], {}
+    for p in pipelines:
+        pbase, points = plans[p.name]
+        for fold in folds:
+            side = _side_id(fold.tune_groups)
+            for point in points:
+                cfg = apply_point(pbase, point)
+                tune_trials.append(ctx.chain(p.name, fold.index, "tune", side, point, cfg, tasks))
+    n_points = {name: len(points) for name, (_, points) in plans.items()}
+    logger.info(
+        "%s: grid points per fold: %s; %d distinct steps",
+        kind,
+        ", ".join(f"{name} {n}" for name, n in n_points.items()),
+        len(tasks),
+    )
+    _execute(runner, tasks, out, desc="tuning")
+    trials = _trial_table(tune_trials, ctx)
+    chosen = _choose(trials, folds)
+    test_trials, tasks = [], {}
+    for row in chosen.itertuples():
+        pbase, points = plans[row.pipeline]
+        point = points[row.point_index]
+        cfg = apply_point(pbase, point)
+        for side_groups in folds[row.fold].test_sides:
+            test_trials.append(
+                ctx.chain(row.pipeline, row.fold, "test", _side_id(side_groups), point, cfg, tasks)
+            )
+    _execute(runner, tasks, out, desc="testing")
+    return trials, chosen, test_trials, ctx
 
 
 def _check_model(p: Pipeline) -> None:
@@ -301,29 +373,170 @@ def _check_model(p: Pipeline) -> None:
 # -- the folder --------------------------------------------------------------------------------
 
 
-def _open_folder(out: Path, spec: dict) -> bool:
-    """Create ``out`` or accept it for resuming; True when resuming."""
-    spec_path = out / SPEC_FILE
-    text = json.dumps(spec, sort_keys=True, default=str)
+def _open_folder(out: Path, spec: dict, per_spot: Mapping[str, np.ndarray]) -> tuple[bool, Any]:
+    """Claim ``out``: create it, or accept it for resuming; return (resuming, the folder lock).
+
+    See the module doc for what is refused. Nothing in a refused folder is changed (the lock
+    file aside, in a search folder).
+    """
     if out.exists() and not out.is_dir():
         raise SpatlasInputError(f"--out {out}: a file of that name exists; choose a folder name")
-    if out.is_dir() and any(out.iterdir()):
-        if not spec_path.exists():
-            raise SpatlasInputError(
-                f"--out {out}: folder exists, is not empty and is not a spatlas search folder; "
-                f"choose a new folder (nothing in it was changed)"
-            )
-        old = json.dumps(json.loads(spec_path.read_text()), sort_keys=True, default=str)
-        if old != text:
-            raise SpatlasInputError(
-                f"--out {out}: holds a search with a different config, pipelines or folds; "
-                f"choose a new folder to start this one (the old search was not changed)"
-            )
-        logger.info("resuming the search in %s", out)
-        return True
-    (out / "cache").mkdir(parents=True, exist_ok=True)
-    save_json(spec_path, json.loads(text))
-    return False
+    if out.is_dir() and not (out / SPEC_FILE).exists() and _foreign_files(out):
+        raise _not_a_search_folder(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out)
+    except OSError as err:
+        raise SpatlasInputError(
+            f"--out {out}: cannot write there ({err.strerror or err}); choose a writable folder"
+        ) from None
+    try:
+        return _check_folder(out, spec, per_spot), lock
+    except BaseException:
+        _release(lock)
+        raise
+
+
+def _foreign_files(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name != LOCK_FILE]
+
+
+def _not_a_search_folder(out: Path) -> SpatlasInputError:
+    return SpatlasInputError(
+        f"--out {out}: folder exists, is not empty and is not a spatlas search folder; "
+        f"choose a new folder (nothing in it was changed)"
+    )
+
+
+def _canonical(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _check_folder(out: Path, spec: dict, per_spot: Mapping[str, np.ndarray]) -> bool:
+    """Under the folder's lock: compare ``search.json`` with ``spec`` or start a new search."""
+    spec_path = out / SPEC_FILE
+    if not spec_path.exists():
+        if _foreign_files(out):  # appeared since the first look
+            raise _not_a_search_folder(out)
+        (out / "cache").mkdir(parents=True, exist_ok=True)
+        _save_inputs(out, per_spot)
+        save_json(spec_path, _canonical(spec))
+        return False
+    try:
+        old = json.loads(spec_path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise SpatlasInputError(
+            f"--out {out}: its {SPEC_FILE} is unreadable ({_first_line(err)}), so the folder "
+            f"cannot be checked against this search; choose a new --out, or delete {out} to "
+            f"start over"
+        ) from None
+    new = _canonical(spec)
+
+    def differs(*keys: str) -> bool:
+        return any(old.get(key) != new.get(key) for key in keys)
+
+    if differs("kind", "config", "pipelines"):
+        raise SpatlasInputError(
+            f"--out {out}: holds a search with a different config, pipelines or folds; "
+            f"choose a new folder to start this one (the old search was not changed)"
+        )
+    if not isinstance(old.get("inputs"), dict):
+        raise SpatlasInputError(
+            f"--out {out}: holds a search from an older spatlas that did not record its input "
+            f"data, so it cannot be resumed safely; choose a new --out"
+        )
+    if differs("inputs"):
+        what = describe_changes(old["inputs"], new["inputs"], _load_inputs(out), per_spot)
+        raise SpatlasInputError(
+            f"--out {out}: the search folder was made from different input data ({what}); "
+            f"choose a new --out for these data, or delete {out} to start over (the old "
+            f"search was not changed)"
+        )
+    if differs("folds", "n_clusters"):
+        raise SpatlasInputError(
+            f"--out {out}: holds a search with a different config, pipelines or folds; "
+            f"choose a new folder to start this one (the old search was not changed)"
+        )
+    left = remove_temporaries(out)  # written by a killed search; we hold the lock
+    if left:
+        logger.info("removed %d temporary file(s) of an interrupted search", left)
+    if not entry_ok(out / INPUTS_FILE, root=out):
+        _save_inputs(out, per_spot)
+    _repair_task_log(out)
+    logger.info("resuming the search in %s", out)
+    return True
+
+
+def _save_inputs(out: Path, per_spot: Mapping[str, np.ndarray]) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **per_spot)
+
+    write_entry(out / INPUTS_FILE, write)
+
+
+def _load_inputs(out: Path) -> dict[str, np.ndarray] | None:
+    """The per-spot hashes of the folder's input data (None when lost or damaged)."""
+    path = out / INPUTS_FILE
+    if not path.exists() or entry_problem(path) is not None:
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _repair_task_log(out: Path) -> None:
+    """Drop lines of ``tasks.jsonl`` that an interrupted append left unreadable."""
+    path = out / TASK_LOG
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    good = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        good.append(line)
+    if len(good) < len(lines):
+        logger.warning(
+            "%s: dropped %d unreadable line(s) left by an interrupted write",
+            TASK_LOG,
+            len(lines) - len(good),
+        )
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in good), encoding="utf-8")
+
+
+def _lock(out: Path) -> Any:
+    """Hold ``out/.search.lock`` (released when the process ends, however it ends)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX: no claim on the folder
+        return None
+    fh = open(out / LOCK_FILE, "a+")  # held until the search ends
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        raise SpatlasInputError(
+            f"--out {out}: another spatlas search is running in this folder"
+            + (f" (pid {holder})" if holder.isdigit() else "")
+            + "; wait for it to finish or choose another --out"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def _release(lock: Any) -> None:
+    if lock is not None:
+        lock.close()
 
 
 def _side_id(groups: Iterable[str]) -> str:
@@ -362,10 +575,18 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def _prepare_sides(
-    config: Config, adata, folds: Sequence[Fold], groups: dict[str, list[str]], out: Path
+    config: Config,
+    adata,
+    folds: Sequence[Fold],
+    groups: dict[str, list[str]],
+    out: Path,
+    base_key: str,
 ) -> dict[str, str]:
-    """Preprocess each side on its own spots only (no leakage) and write it to the cache."""
-    from .. import io
+    """Preprocess each side on its own spots only (no leakage) and write it to the cache.
+
+    A side's file is keyed by its groups and ``base_key`` (the input data and the config it
+    is prepared with), so every step computed from it is keyed on them too.
+    """
     from .. import pipeline as run_pipeline
 
     wanted: dict[str, tuple[str, ...]] = {}
@@ -375,8 +596,9 @@ def _prepare_sides(
             wanted[_side_id(side)] = side
     folder = out / "cache" / "sides"
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {sid: str(folder / f"{sid}.h5ad") for sid in wanted}
-    todo = [sid for sid in wanted if not Path(paths[sid]).exists()]
+    keys = {sid: stable_hash("side", sid, base_key) for sid in wanted}
+    paths = {sid: str(folder / f"{sid}-{keys[sid]}.h5ad") for sid in wanted}
+    todo = [sid for sid in wanted if not entry_ok(paths[sid], root=out)]
     if not todo:
         return paths
     if config.morphology.enabled:
@@ -393,7 +615,7 @@ def _prepare_sides(
             if key == K.MORPH_FEATURES:
                 del slim.obsm[key]
         slim.varm = {}
-        io.write_h5ad(slim, paths[sid], compression=None)
+        write_entry(paths[sid], lambda tmp, slim=slim: slim.write_h5ad(tmp, compression=None))
         logger.info("side %s: %d spots, %d samples", sid, slim.n_obs, slim.obs[K.SAMPLE].nunique())
     return paths
 
@@ -432,7 +654,9 @@ class _Context:
         label = f"{pipeline} fold{fold} {role} {side}"
         cfg["clustering"]["n_clusters"] = self.k  # one K for every side (from the whole cohort)
         common = {"side": self.sides[side], "config": cfg, "threads": self.threads, "label": label}
-        ikey = stable_hash("integrate", side, cfg["seed"], cfg["integration"])
+        # the side's file name holds its key (its groups, the input data and the config)
+        side_key = Path(self.sides[side]).stem
+        ikey = stable_hash("integrate", side_key, cfg["seed"], cfg["integration"])
         tasks.setdefault(
             ikey,
             {
@@ -478,10 +702,13 @@ class _Context:
 
 
 def _execute(runner, tasks: Mapping[str, dict], out: Path, *, desc: str) -> None:
-    """Run the missing steps level by level (integrate, then model, then score)."""
+    """Run the missing steps level by level (integrate, then model, then score).
+
+    A step is missing when its cache entry is absent or corrupt (a corrupt one is removed).
+    """
     for level in LEVELS:
         level_tasks = [t for t in tasks.values() if t["kind"] == level]
-        todo = [t for t in level_tasks if not Path(t["output"]).exists()]
+        todo = [t for t in level_tasks if not entry_ok(t["output"], root=out)]
         if not level_tasks:
             continue
         logger.info(
@@ -493,10 +720,11 @@ def _execute(runner, tasks: Mapping[str, dict], out: Path, *, desc: str) -> None
         )
         if not todo:
             continue
-        log = out / "tasks.jsonl"
+        log = out / TASK_LOG
         for result in progress(runner.run(todo), desc=f"{desc}: {level}", total=len(todo)):
-            with open(log, "a") as fh:
-                fh.write(json.dumps({**result, "seconds": round(result["seconds"], 2)}) + "\n")
+            line = json.dumps({**result, "seconds": round(result["seconds"], 2)}) + "\n"
+            with open(log, "a", encoding="utf-8") as fh:
+                fh.write(line)
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -660,13 +888,41 @@ def _write_report(out: Path) -> None:
 
 
 def read_search(out: str | Path) -> dict[str, Any]:
-    """The tables of a finished search folder (for reports and notebooks)."""
+    """The tables of a finished search folder (for reports and notebooks).
+
+    Raises
+    ------
+    SpatlasInputError
+        ``search.json`` or a table cannot be read (it names the file; a rerun of the search
+        with the same config and ``--out`` rewrites the tables from its cache).
+    """
     out = Path(out)
-    tables: dict[str, Any] = {"spec": json.loads((out / SPEC_FILE).read_text())}
+    spec_path = out / SPEC_FILE
+    try:
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+        if not isinstance(spec, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise SpatlasInputError(
+            f"{spec_path}: unreadable ({_first_line(err)}); is {out} a search folder? A "
+            f"damaged one cannot be repaired: rerun the search into a new --out"
+        ) from None
+    tables: dict[str, Any] = {"spec": spec}
     for name in ("trials", "chosen", "test_scores", "summary", "gains", "splits"):
         path = out / f"{name}.csv"
-        tables[name] = pd.read_csv(path) if path.exists() else None
+        try:
+            tables[name] = pd.read_csv(path) if path.exists() else None
+        except (OSError, UnicodeDecodeError, ValueError) as err:  # pandas' errors included
+            raise SpatlasInputError(
+                f"{path}: unreadable ({_first_line(err)}); a rerun of the search with the "
+                f"same config and --out rewrites it from the cache"
+            ) from None
     return tables
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _pipeline():

@@ -2,9 +2,10 @@
 
 A trial is a chain of three cached steps on one side of a fold (a prepared ``.h5ad`` holding the
 side's preprocessed spots): ``integrate`` -> ``model`` (when the pipeline has one) -> ``score``
-(clusters, refinement, metrics). Each step writes one file through a temporary name, so an
-interrupted search leaves only finished steps behind and a rerun skips them. Tasks are plain
-dicts (paths and the resolved config), so any backend can ship them.
+(clusters, refinement, metrics). Each step writes one cache entry (a temporary file renamed
+into place, its checksum beside it; see :mod:`spatlas.tune._cache`), so an interrupted search
+leaves only finished steps behind and a rerun skips them. Tasks are plain dicts (paths and the
+resolved config), so any backend can ship them.
 """
 
 from __future__ import annotations
@@ -19,25 +20,30 @@ import numpy as np
 
 from .. import _keys as K
 from ..io._write import atomic_path
+from ._cache import write_entry
 
 #: obsm key a task puts the input embedding under.
 INPUT = "X_tune_input"
 
 
 @lru_cache(maxsize=4)
-def _read_side(path: str):
+def _read_side(path: str, mtime_ns: int, size: int):
     import anndata as ad
 
     return ad.read_h5ad(path)
 
 
 def _side(path: str):
-    return _read_side(path).copy()
+    stat = Path(path).stat()  # a side rewritten since it was read is read again
+    return _read_side(path, stat.st_mtime_ns, stat.st_size).copy()
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(array, dtype=np.float32))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(array, dtype=np.float32))
+
+    write_entry(path, write)
 
 
 def save_json(path: Path, payload: Any) -> None:
@@ -137,4 +143,5 @@ def _score(task: dict) -> None:
         "domains": adata.obs[key].astype(str).tolist() if task.get("keep_domains") else None,
         "obs_names": adata.obs_names.tolist() if task.get("keep_domains") else None,
     }
-    save_json(Path(task["output"]), payload)
+    text = json.dumps(payload, indent=1, default=_plain)
+    write_entry(Path(task["output"]), lambda tmp: tmp.write_text(text))
