@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -16,6 +21,57 @@ from . import __version__
 from ._errors import MissingDependencyError, SpatlasInputError
 
 EXIT_INPUT = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so a run cleans up as on Ctrl-C (exit code 143)."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """While a run goes, SIGTERM raises :class:`Terminated` (when it would have killed us).
+
+    A full disk also must not print a traceback for each line of ``run.log``.
+    """
+    main_pid = os.getpid()
+
+    def handler(signum: int, frame) -> None:
+        if os.getpid() != main_pid:  # a forked worker inherited the handler: die as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated
+
+    install = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    )
+    raise_exceptions = logging.raiseExceptions
+    if install:
+        signal.signal(signal.SIGTERM, handler)
+    logging.raiseExceptions = False
+    try:
+        yield
+    finally:
+        logging.raiseExceptions = raise_exceptions
+        if install:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_now_if_hdf5_is_broken(code: int) -> None:
+    """Exit at once after an ``.h5ad`` write failed on a full disk.
+
+    libhdf5 may then crash in its exit handlers (h5py#914), turning exit code 2 into a
+    segmentation fault; everything the run wrote is already cleaned up.
+    """
+    write = sys.modules.get("spatlas.io._write")
+    if write is not None and write.hdf5_failed_on_full_disk():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -98,11 +154,12 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace, config_path: Path) -> int:
-    from ._config import load_config
-    from .pipeline import run
+    with _terminate_as_exception():
+        from ._config import load_config
+        from .pipeline import run
 
-    config = load_config(config_path, args.overrides)
-    result = run(config, out=args.out, overwrite=args.overwrite)
+        config = load_config(config_path, args.overrides)
+        result = run(config, out=args.out, overwrite=args.overwrite, inputs=(config_path,))
     if result.metrics is not None:
         cols = ["sample", "n_spots", "n_labelled", "ari", "nmi"]
         print(result.metrics[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -184,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         lines = err.problems if isinstance(err, SpatlasInputError) else [str(err)]
         for line in lines:
             print(f"error: {line}", file=sys.stderr)
+        _exit_now_if_hdf5_is_broken(EXIT_INPUT)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # SIGINT (Ctrl-C) or, as Terminated, SIGTERM
+        name = signal.Signals(getattr(err, "signum", signal.SIGINT)).name
+        detail = f"; {err}" if str(err) not in ("", name) else ""
+        print(f"error: interrupted by {name}{detail}", file=sys.stderr)
+        return 128 + signal.Signals[name]
     parser.error(f"unknown command {args.command}")
     return EXIT_INPUT
 

@@ -34,6 +34,9 @@ class RunResult:
 
 @contextmanager
 def _step(name: str, steps: list[dict]) -> Iterator[None]:
+    from .io._write import pause_for_tests
+
+    pause_for_tests(name)  # test hook (SPATLAS_TEST_PAUSE_AT): no effect otherwise
     logger.info("step %s ...", name)
     start = time.perf_counter()
     yield
@@ -124,26 +127,65 @@ def _n_clusters(config: Config, adata: ad.AnnData) -> int | str:
     return "auto"
 
 
-def run(config: Config, *, out: str | Path | None = None, overwrite: bool = False) -> RunResult:
+def run(
+    config: Config,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    inputs: tuple[str | Path, ...] = (),
+) -> RunResult:
     """Run the pipeline; with ``out``, write the run folder there.
 
     The folder gets ``config.yaml`` (resolved), ``cohort.h5ad``, ``domains.csv``,
     ``metrics.csv`` (when the cohort has labels), ``timings.csv``, ``run.log`` and
     ``report.html`` (see :func:`spatlas.report.build_report`). It is built in
-    a hidden staging folder and renamed into place at the end, so a failed run leaves ``out``
-    as it was; a non-empty ``out`` is refused unless ``overwrite``.
+    a hidden staging folder and renamed into place at the end, so a failed or interrupted run
+    leaves ``out`` as it was; a non-empty ``out`` is refused unless ``overwrite``, and so is a
+    second run into the same ``out`` while this one goes (see :func:`spatlas.io.atomic_output_dir`).
+    With ``overwrite``, an ``out`` that is or holds an input of the run (the sheet, a sample,
+    image or annotations file, the ``.h5ad``, weights, embeddings, gene map or network, any of
+    ``inputs`` such as the config file) is refused before anything runs.
     """
+    from contextlib import suppress
+
     from . import io
 
     if out is None:
         return _run(config, stage=None)
-    with io.atomic_output_dir(out, overwrite=overwrite) as stage:
+    named: list[tuple[str, str | Path | None]] = []
+    if overwrite:
+        from .io._sheet import specs_from_records
+
+        data, morph, down = config.data, config.morphology, config.downstream
+        named = [("the config file", path) for path in inputs] + [
+            ("data.sheet", data.sheet),
+            ("data.h5ad", data.h5ad),
+            ("data.expression_embedding", data.expression_embedding),
+            ("morphology.weights", morph.weights),
+            ("morphology.stain_reference", morph.stain_reference),
+            ("morphology.features", morph.features),
+            ("downstream.gene_map", down.gene_map),
+            ("downstream.pathways", down.pathways),
+        ]
+        specs: list = []
+        with suppress(SpatlasInputError):  # a bad sheet is reported by the load step
+            if data.sheet is not None and Path(data.sheet).is_file():
+                specs = io.read_sample_sheet(data.sheet)
+            elif data.samples:
+                specs = specs_from_records(data.samples, base=Path.cwd(), where="data.samples")
+        named += [
+            (f"sample {spec.sample} {key}", getattr(spec, key))
+            for spec in specs
+            for key in ("path", "image", "annotations")
+        ]
+    with io.atomic_output_dir(out, overwrite=overwrite, inputs=named) as stage:
         handler = add_file_handler(stage / "run.log")
         try:
             result = _run(config, stage=stage)
         finally:
             logger.removeHandler(handler)
-            handler.close()
+            with suppress(OSError):  # a full disk: the log is discarded anyway
+                handler.close()
     result.out = Path(out)
     logger.info("run written to %s", out)
     return result
