@@ -271,6 +271,13 @@ def yaml_sheet_list_value(root: Path) -> list[str]:
     return _validate(sheet)
 
 
+def config_run_refuses(root: Path) -> list[str]:
+    """validate on a run config checks it as ``spatlas run`` does (not only its cohort)."""
+    sheet = _one_sample(root, _small(root))
+    (root / "c.yaml").write_text(f"data:\n  sheet: {sheet}\nclustering:\n  n_clusters: 1\n")
+    return ["validate", str(root / "c.yaml")]
+
+
 def sheet_row_without_path(root: Path) -> list[str]:
     folder = _small(root)
     return _validate(_write_text_sheet(root, f"sample,donor,path\nS1,D1,{folder}\nS2,D2,\n"))
@@ -724,6 +731,11 @@ _INPUT_CASES: dict[str, tuple[Callable[[Path], list[str]], str, str]] = {
     "sheet: a folder, not a file": (sheet_is_a_folder, "is a folder", SHEET),
     "sheet: YAML path is a list": (yaml_sheet_list_value, "path is a list", SHEET),
     "sheet: a row without a path": (sheet_row_without_path, "line 3 lacks path", SHEET),
+    "validate: a run config that run refuses": (
+        config_run_refuses,
+        "clustering.n_clusters",
+        CONFIG,
+    ),
     "same Space Ranger folder under two sample ids": (
         same_folder_two_ids,
         "samples A (line 2) and B (line 3) both read",
@@ -994,6 +1006,12 @@ def labels_3_and_3_0(root: Path) -> Accepted:
     return _validate(_sheet(root, rows)), _prints(("A", "A"), ("B", "B"))
 
 
+def run_config_to_validate(root: Path) -> Accepted:
+    sheet = _one_sample(root, _small(root))
+    (root / "c.yaml").write_text(f"data:\n  sheet: {sheet}\n")
+    return ["validate", str(root / "c.yaml")], _prints(("S1", "D1"))
+
+
 ACCEPTED: dict[str, Callable[[Path], Accepted]] = {
     "Excel sheet: UTF-8 BOM and CRLF line ends": excel_bom_crlf,
     "spreadsheet's trailing ,,,, rows": trailing_empty_rows,
@@ -1005,4 +1023,5 @@ ACCEPTED: dict[str, Callable[[Path], Accepted]] = {
     "a comment line before and after the header": comment_line,
     "gzip-compressed features.tsv without .gz": gzip_without_gz_name,
     "labels 3 in one sample, 3.0 in another": labels_3_and_3_0,
+    "a run config given to validate": run_config_to_validate,
 }

@@ -6,11 +6,24 @@ from pathlib import Path
 import pytest
 
 from spatlas import _keys as K
+from spatlas._config import DataConfig, load_config
 from spatlas.cli import main
 from spatlas.datasets._demo import dlpfc_demo_sheet
 from spatlas.io import read_cohort, read_h5ad, read_spaceranger, validate_sheet, write_h5ad
+from spatlas.io._sheet import _is_run_config
+from spatlas.pipeline import Config, load_cohort
 
-from bad_inputs import ACCEPTED, CASES, CLASS_OF, CLASSES, _stacked_sections_h5ad
+from bad_inputs import (
+    ACCEPTED,
+    CASES,
+    CLASS_OF,
+    CLASSES,
+    CORRUPT,
+    IDENTITY,
+    NUMERIC,
+    SHEET,
+    _stacked_sections_h5ad,
+)
 from spaceranger_fixtures import make_spaceranger
 
 
@@ -61,6 +74,43 @@ def test_valid_input_real_users_send_is_accepted_as_written(name, tmp_path, caps
     assert "error: " not in captured.err
     check(captured.out)
     _assert_unchanged(before)
+
+
+_SHEET_CASES = [name for name in CASES if CLASS_OF[name] in (SHEET, IDENTITY, NUMERIC, CORRUPT)]
+
+
+@pytest.mark.parametrize("name", _SHEET_CASES)
+def test_run_refuses_what_validate_refuses_with_the_same_first_line(name, tmp_path, capsys):
+    argv = CASES[name][0](tmp_path)
+    if argv[0] != "validate" or Path(argv[1]).suffix not in (".csv", ".tsv", ".txt", ".yaml"):
+        pytest.skip("not a sample sheet given to validate")
+    if _is_run_config(Path(argv[1])):
+        config = Path(argv[1])
+    else:
+        config = tmp_path / "run_config.yaml"
+        config.write_text(f"data:\n  sheet: '{argv[1]}'\n")
+    capsys.readouterr()
+    assert main(argv) == 2
+    validate_first = _first_error(capsys.readouterr().err)
+    assert main(["run", str(config), "--out", str(tmp_path / "run")]) == 2
+    run_first = _first_error(capsys.readouterr().err)
+    assert run_first == validate_first
+    assert not (tmp_path / "run").exists()
+
+
+def _first_error(err: str) -> str:
+    return next(line for line in err.splitlines() if line.startswith("error: "))
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_what_validate_accepts_the_run_loads(name, tmp_path):
+    argv, _ = ACCEPTED[name](tmp_path)
+    path = Path(argv[1])
+    config = load_config(path) if _is_run_config(path) else Config(data=DataConfig(sheet=str(path)))
+    cohort = load_cohort(config)
+    summary, problems = validate_sheet(path)
+    assert problems == []
+    assert cohort.obs[K.SAMPLE].cat.categories.tolist() == summary["sample"].tolist()
 
 
 def test_labels_3_and_3_0_are_one_class_across_the_cohort(tmp_path):
