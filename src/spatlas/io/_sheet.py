@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 from collections.abc import Sequence
@@ -265,16 +266,28 @@ def _csv_records(path: Path, text: str) -> tuple[list[dict], list[str]]:
     return records, rows
 
 
-def _yaml_records(path: Path, text: str) -> tuple[list[dict], list[str]]:
-    """Rows of a YAML sheet, every scalar kept as the text written (``0012``, ``no``)."""
+@functools.cache
+def yaml_text_loader() -> type:
+    """A YAML ``SafeLoader`` that reads every plain scalar as the text written.
+
+    YAML 1.1 would read ``sample: 0012`` as the octal number 10 and ``donor: no`` as False;
+    sample rows (a YAML sheet, a config's ``data.samples``) are read with this loader instead.
+    """
     import yaml
 
     class TextLoader(yaml.SafeLoader):
         """Reads every plain scalar as a string: no octal 0012 -> 10, no ``no`` -> False."""
 
     TextLoader.yaml_implicit_resolvers = {}
+    return TextLoader
+
+
+def _yaml_records(path: Path, text: str) -> tuple[list[dict], list[str]]:
+    """Rows of a YAML sheet, every scalar kept as the text written (``0012``, ``no``)."""
+    import yaml
+
     with reading(path, "YAML sample sheet", "check its indentation and quoting"):
-        data = yaml.load(text, Loader=TextLoader)  # a SafeLoader: no arbitrary objects
+        data = yaml.load(text, Loader=yaml_text_loader())  # a SafeLoader: no arbitrary objects
     if isinstance(data, dict) and "samples" in data:
         data = data["samples"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
