@@ -70,3 +70,19 @@ _BAD = {
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     name: (_config(text), fragment) for name, (text, fragment) in _BAD.items()
 }
+
+
+def _tune_bad_grid_value(root: Path) -> list[str]:
+    path = root / "c.yaml"
+    path.write_text(
+        _DATA
+        + "clustering:\n  n_clusters: 3\ntune:\n  grids:\n    harmony: {}\n"
+        + "    clustering:\n      refine_k: [10, 0]\n"
+    )
+    return ["tune", str(path), "--out", str(root / "search")]
+
+
+CASES["config: a tune grid value refused before the search"] = (
+    _tune_bad_grid_value,
+    "clustering.refine_k must be at least 1",
+)

@@ -683,6 +683,10 @@ def _write_report(stage: Path, adata: ad.AnnData) -> None:
     try:
         report.build_report(stage, adata=adata)
     except Exception as err:  # the results are written; a missing report must not lose them
+        from .io._write import _disk_full
+
+        if _disk_full(err):  # a full disk fails the run: the old run must stay in place
+            raise
         logger.warning(
             "report.html not written (%s: %s); rebuild it with `spatlas report RUN_FOLDER`",
             type(err).__name__,

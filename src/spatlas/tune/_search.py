@@ -215,6 +215,8 @@ def search(
         raise ConfigError(
             f"tune.backend: unknown backend '{backend}' (known: {', '.join(BACKENDS)})"
         )
+    from .. import pipeline as run_pipeline
+
     base = config_to_dict(config)
     morphology = bool(config.morphology.enabled)
     plans = {}
@@ -222,14 +224,12 @@ def search(
         pbase = pipeline_config(base, p, t.fixed)
         grid = pipeline_grid(p, t.grids, morphology=morphology)
         points = grid_points(grid)
-        for point in points[:1]:
-            validate(apply_point(pbase, point))  # a bad key fails now, not in a worker
+        for point in points:  # a bad key or value fails now, not in a worker after hours
+            run_pipeline.check_config(validate(apply_point(pbase, point)))
         _check_model(p)
         plans[p.name] = (pbase, points)
 
     out = Path(out)
-    from .. import pipeline as run_pipeline
-
     adata = run_pipeline.load_cohort(config)
     if t.group_key not in adata.obs:
         raise SpatlasInputError(
