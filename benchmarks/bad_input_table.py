@@ -1,16 +1,20 @@
-"""The bad-input table: each broken cohort / config, the CLI's exit code and its error line.
+"""The bad-input table: each broken cohort / config, its class, the CLI's exit code and error line.
 
     python benchmarks/bad_input_table.py      # writes benchmarks/results/bad_inputs.md
 
 Every case is built by tests/bad_inputs.py (the same cases tests/test_validate.py checks) and run
-through the real `spatlas` command in a subprocess.
+through the real `spatlas` command in a subprocess, from inside the case's temporary folder. The
+table of refused inputs is followed by the valid inputs real users send that must be accepted
+(``bad_inputs.ACCEPTED``) and by the counts per class.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -18,33 +22,117 @@ import pandas as pd
 from _common import RESULTS, ROOT, markdown_table
 
 sys.path.insert(0, str(ROOT / "tests"))
-from bad_inputs import CASES
+from bad_inputs import ACCEPTED, CASES, CLASS_OF, CLASSES
+
+
+@contextmanager
+def _inside(folder: str):
+    """Build and run a case from inside its folder (cases that name ``.`` stay in it)."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+def _spatlas(argv: list[str], tmp: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "spatlas.cli", "-q", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+    )
+
+
+def _cell(text: str, tmp: str) -> str:
+    return text.replace(os.path.realpath(tmp), "…").replace(tmp, "…").replace("|", "\\|")
+
+
+def refused_rows() -> list[dict]:
+    rows = []
+    for name, (build, fragment) in CASES.items():
+        with tempfile.TemporaryDirectory() as tmp, _inside(tmp):
+            argv = build(Path(tmp))
+            proc = _spatlas(argv, tmp)
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+        message = errors[0].removeprefix("error: ") if errors else proc.stderr.strip()[-300:]
+        rows.append(
+            {
+                "class": CLASS_OF[name],
+                "bad input": name,
+                "command": f"spatlas {argv[0]}",
+                "exit": proc.returncode,
+                "error lines": len(errors),
+                "traceback": "Traceback" in proc.stderr,
+                "expected": bool(errors) and fragment in errors[0],
+                "first error line": _cell(message, tmp),
+            }
+        )
+        print(f"{proc.returncode} [{CLASS_OF[name]}] {name}: {rows[-1]['first error line']}")
+    return rows
+
+
+def accepted_rows() -> list[dict]:
+    rows = []
+    for name, build in ACCEPTED.items():
+        with tempfile.TemporaryDirectory() as tmp, _inside(tmp):
+            argv, check = build(Path(tmp))
+            proc = _spatlas(argv, tmp)
+        try:
+            check(proc.stdout)
+            as_written = True
+        except AssertionError:
+            as_written = False
+        last = proc.stdout.strip().splitlines()[-1:] or [proc.stderr.strip()[-300:]]
+        rows.append(
+            {
+                "valid input": name,
+                "command": f"spatlas {argv[0]}",
+                "exit": proc.returncode,
+                "ids as written": as_written,
+                "last line": _cell(last[0], tmp),
+            }
+        )
+        print(f"{proc.returncode} [accepted] {name}: {rows[-1]['last line']}")
+    return rows
+
+
+def class_counts(refused: pd.DataFrame) -> pd.DataFrame:
+    """Cases per class: how many exit with 2, one clear first line, and no traceback."""
+    groups = refused.groupby("class", sort=False)
+    counts = pd.DataFrame(
+        {
+            "cases": groups.size(),
+            "exit 2": groups["exit"].apply(lambda e: int((e == 2).sum())),
+            "expected first line": groups["expected"].sum().astype(int),
+            "traceback": groups["traceback"].sum().astype(int),
+        }
+    )
+    counts = counts.reindex([c for c in CLASSES if c in counts.index]).reset_index()
+    total = counts.drop(columns="class").sum()
+    return pd.concat([counts, pd.DataFrame([{"class": "all", **total}])], ignore_index=True)
 
 
 def main() -> None:
-    rows = []
-    for name, (build, _) in CASES.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            argv = build(Path(tmp))
-            proc = subprocess.run(
-                [sys.executable, "-m", "spatlas.cli", "-q", *argv], capture_output=True, text=True
-            )
-            errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
-            message = errors[0].removeprefix("error: ").replace(tmp, "…") if errors else proc.stderr
-            rows.append(
-                {
-                    "bad input": name,
-                    "command": f"spatlas {argv[0]}",
-                    "exit": proc.returncode,
-                    "error lines": len(errors),
-                    "traceback": "Traceback" in proc.stderr,
-                    "message": message.replace("|", "\\|"),
-                }
-            )
-            print(f"{proc.returncode} {name}: {message}", flush=True)
-    table = pd.DataFrame(rows)
+    refused = pd.DataFrame(refused_rows())
+    order = {c: i for i, c in enumerate(CLASSES)}
+    refused = refused.sort_values("class", key=lambda c: c.map(order), kind="stable")
+    accepted = pd.DataFrame(accepted_rows())
+    text = (
+        "# Bad inputs\n\n"
+        "Generated by `python benchmarks/bad_input_table.py` from `tests/bad_inputs.py`; each case "
+        "runs the real `spatlas` command in a subprocess.\n\n"
+        "## Refused: exit code 2, one line per problem, no traceback\n\n"
+        + markdown_table(refused)
+        + "\n## Valid inputs real users send: accepted, sample ids printed as written\n\n"
+        + markdown_table(accepted)
+        + "\n## Counts by class\n\n"
+        + markdown_table(class_counts(refused))
+        + f"\n{len(refused)} refused cases, {len(accepted)} accepted cases.\n"
+    )
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bad_inputs.md").write_text(markdown_table(table))
+    (RESULTS / "bad_inputs.md").write_text(text)
 
 
 if __name__ == "__main__":
