@@ -169,3 +169,17 @@ def test_validate_command_exit_code_from_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_config_samples_keep_ids_and_donors_as_written(tmp_path):
+    from spatlas._config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "data:\n  samples:\n    - {sample: 0012, donor: no, path: x}\n"
+        "clustering:\n  n_clusters: 7\n"
+    )
+    config = load_config(path)
+    row = config.data.samples[0]
+    assert row["sample"] == "0012" and row["donor"] == "no"
+    assert config.clustering.n_clusters == 7  # the rest of the config keeps its types

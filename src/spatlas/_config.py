@@ -415,9 +415,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(
                 f"{path}: a config is a mapping of sections (data:, clustering:, ...)"
             )
+        _samples_as_written(path, data)
         base = path.resolve().parent
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data, base=base)
+
+
+def _samples_as_written(path: Path, data: dict) -> None:
+    """``data.samples`` rows re-read with every value as the text written.
+
+    YAML 1.1 reads ``sample: 0012`` as the octal number 10 and ``donor: no`` as False; sample
+    ids and donors are names, so the rows take the text of the file.
+    """
+    import yaml
+
+    from .io._sheet import yaml_text_loader
+
+    section = data.get("data")
+    if not isinstance(section, dict) or not isinstance(section.get("samples"), list):
+        return
+    with open(path) as fh:
+        text = yaml.load(fh, Loader=yaml_text_loader())  # a SafeLoader: no arbitrary objects
+    rows = (text.get("data") or {}).get("samples") if isinstance(text, dict) else None
+    if isinstance(rows, list) and len(rows) == len(section["samples"]):
+        section["samples"] = rows
 
 
 def config_to_dict(config: Config) -> dict:

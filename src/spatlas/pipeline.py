@@ -545,9 +545,13 @@ def _at_least(where: str, value: float | None, low: float, *, allow_none: bool =
 
 
 def _one_of(where: str, value: object, choices: Iterable[str]) -> None:
+    import difflib
+
     choices = list(choices)
     if value not in choices:
-        raise ConfigError(f"{where} must be one of {', '.join(choices)}; got {value!r}")
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}; got {value!r}{hint}")
 
 
 def _check_settings(config: Config) -> None:
