@@ -216,16 +216,6 @@ def _config_h5ad(root: Path, h5ad: Path, sample_key: str) -> list[str]:
 # sheet dialects and types
 
 
-def config_donor_yaml_boolean(root: Path) -> list[str]:
-    folder = _small(root)
-    return _config_samples(root, f"    - {{sample: S1, donor: no, path: {folder}}}\n")
-
-
-def config_sample_id_float(root: Path) -> list[str]:
-    folder = _small(root)
-    return _config_samples(root, f"    - {{sample: 1.10, path: {folder}}}\n")
-
-
 def sheet_is_xlsx(root: Path) -> list[str]:
     path = root / "samples.csv"
     path.write_bytes(b"PK\x03\x04\x14\x00\x06\x00" + bytes(200))  # a zip: what Excel saves
@@ -704,16 +694,6 @@ CLASS_OF: dict[str, str] = {
 
 # issue 20: name -> (builder, fragment of the first error line, class)
 _INPUT_CASES: dict[str, tuple[Callable[[Path], list[str]], str, str]] = {
-    "config: donor: no (a YAML boolean)": (
-        config_donor_yaml_boolean,
-        "donor is the YAML boolean False",
-        SHEET,
-    ),
-    "config: sample: 1.10 (a YAML float)": (
-        config_sample_id_float,
-        "sample is the number 1.1; quote it",
-        SHEET,
-    ),
     "sheet: an Excel workbook named .csv": (sheet_is_xlsx, "is an Excel workbook", SHEET),
     "sheet: not UTF-8 (Windows-1252)": (sheet_not_utf8, "not UTF-8 text", SHEET),
     "sheet: unquoted comma in a value": (
@@ -954,6 +934,12 @@ def leading_zero_ids_csv(root: Path) -> Accepted:
     return _validate(_write_text_sheet(root, text)), _prints(("0012", "007"), ("0013", "007"))
 
 
+def config_samples_as_written(root: Path) -> Accepted:
+    folder = _small(root)
+    row = f"    - {{sample: 0012, donor: no, path: {folder}}}\n"
+    return _config_samples(root, row), _prints(("0012", "no"))
+
+
 def leading_zero_ids_yaml(root: Path) -> Accepted:
     f1, f2 = _small(root / "a"), _small(root / "b")
     text = (
@@ -1018,6 +1004,7 @@ ACCEPTED: dict[str, Callable[[Path], Accepted]] = {
     "# in a sample id, a donor and a folder name": hash_in_id_and_folder,
     "CSV ids 0012 and donor 007": leading_zero_ids_csv,
     "YAML sample: 0012, donor: no, sample: 1.10": leading_zero_ids_yaml,
+    "config data.samples: sample 0012, donor no": config_samples_as_written,
     "sheet separated by ; (Excel, European locale)": semicolon_sheet,
     "UTF-16 tab-separated sheet (Excel 'Unicode Text')": utf16_tab_sheet,
     "a comment line before and after the header": comment_line,
