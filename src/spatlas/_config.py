@@ -58,7 +58,14 @@ class DataConfig:
 
 @dataclass
 class PreprocessingConfig:
-    """Expression preprocessing (paper appendix A.5); see ``spatlas.pp.preprocess_expression``."""
+    """Expression preprocessing (paper appendix A.5); see ``spatlas.pp.preprocess_expression``.
+
+    ``min_spots``: genes detected in fewer spots are dropped; ``n_top_genes``: highly variable
+    genes kept; ``hvg_flavor``: scanpy's HVG flavour (``seurat_v3`` reads the counts);
+    ``batch_key``: obs column the HVGs are selected within (empty: pooled); ``target_sum``:
+    counts per spot after normalisation, before the log; ``scale_max_value``: clip of the
+    z-scored genes before the PCA (empty: no clip); ``n_comps``: PCs -> ``obsm['X_pca']``.
+    """
 
     min_spots: int = 10
     n_top_genes: int = 3000
@@ -95,7 +102,8 @@ class IntegrationConfig:
     """Horizontal integration of the expression PCs; see ``spatlas.pp.integrate``.
 
     ``method``: ``auto`` | ``harmony`` | ``scanorama`` | ``scvi`` | ``none``; ``params`` go to
-    the method (``theta``, ``sigma``, ``n_layers``, ``max_epochs``, ...). ``auto`` is ``none``
+    the method (``theta``, ``sigma``, ``n_layers``, ``max_epochs``, ...); ``batch_key``: obs
+    column of the batch the method corrects. ``auto`` is ``none``
     when the ``augmentation`` step runs (its blocks are already z-scored within each sample,
     and Harmony on top over-corrects cohorts whose samples differ in composition) and
     ``harmony`` otherwise.
@@ -119,7 +127,11 @@ class MorphologyConfig:
     ``random`` for an untrained baseline); ``image``: ``auto`` | ``fullres`` | ``hires`` |
     ``lowres``; ``stain_norm``: ``macenko`` | ``reinhard`` | empty; ``stain_reference``: an
     image (empty: pooled over all slides); ``patch_scale``: patch side in spot diameters;
-    ``integration``: ``harmony`` | ``scanorama`` | ``none`` with ``params`` (e.g. theta).
+    ``integration``: ``harmony`` | ``scanorama`` | ``none`` with ``params`` (e.g. theta);
+    ``batch_key``: obs column it corrects; ``extractor_params``: keyword arguments of the
+    extractor; ``pad``: how patches at the image edge are filled (``constant`` | ``reflect`` |
+    ``edge``); ``batch_size``: patches per forward pass; ``device``: ``auto`` | ``cpu`` |
+    ``cuda``; ``n_comps``: PCs of the features -> ``obsm['X_morph_pca']``.
     ``features``: precomputed per-spot image features (e.g. UNI2-h vectors), an ``obsm`` key or
     a file as for ``data.expression_embedding``; when set (and ``enabled``), no image is read
     and no extractor runs (``spatlas.pp.use_morphology_features``); the PCA and the
@@ -155,7 +167,8 @@ class ModelConfig:
     the morphology weight is then 0); it writes ``obsm['X_<name>']``,
     and domains come from that embedding (``obs['<name>_domain']``). ``morphology_weight``: α in
     [0, 3] of the paper's loss; ``window``: odd side of the neighbourhood window; ``steps``:
-    optimiser steps. ``params`` go to the model as well (e.g. ``scaling``, ``batch_size``,
+    optimiser steps; ``latent_dim``: width of the learned embedding; ``morphology_key``: the
+    ``obsm`` key of the morphology input. ``params`` go to the model as well (e.g. ``scaling``, ``batch_size``,
     ``cross_sample_positives``, ``pseudo_labels``, ``n_threads``, ``device``); the pseudo-label K
     defaults to ``clustering.n_clusters``.
     """
@@ -179,6 +192,8 @@ class ClusteringConfig:
     ``morphology`` section runs and no fusion model is set, the morphology embedding joins the
     expression embedding for clustering at this weight (``auto``: half the share of its variance
     that the expression-only domains explain; ``0``: never); see ``spatlas.tl.fuse_morphology``.
+    ``method``: ``kmeans`` | ``leiden`` | ``gmm``; ``refine_k``: neighbours of the
+    refinement's majority vote.
     """
 
     method: str = "kmeans"
@@ -220,6 +235,7 @@ class BenchmarkConfig:
     """The paper's Figure-2 comparison: each integration method alone and followed by ``model``.
 
     Every pipeline is tuned by the nested cross-validation of the ``tune`` section.
+    ``methods``: the integration methods compared; ``model``: the fusion model after each.
     """
 
     methods: list[str] = field(default_factory=lambda: ["harmony", "scanorama", "scvi"])
