@@ -141,6 +141,7 @@ def api_page(namespace: str) -> str:
     """One API page (MyST markdown) for ``spatlas.<namespace>``: a summary table, then each name."""
     module = importlib.import_module(f"spatlas.{namespace}")
     names = sorted(getattr(module, "__all__", []))
+    documented = [n for n in names if callable(getattr(module, n))]
     lines = [
         f"# `spatlas.{namespace}`",
         "",
@@ -153,7 +154,7 @@ def api_page(namespace: str) -> str:
         ".. autosummary::",
         "   :nosignatures:",
         "",
-        *[f"   {name}" for name in names],
+        *[f"   {name}" for name in documented],
         "",
     ]
     for name in names:
@@ -162,10 +163,27 @@ def api_page(namespace: str) -> str:
             lines += [f".. autoclass:: {name}", "   :members:", ""]
         elif callable(obj):
             lines += [f".. autofunction:: {name}", ""]
-        else:
-            lines += [f".. autodata:: {name}", "   :no-value:", ""]
+        else:  # a constant: its ``#:`` / string doc where it is defined (not its type's doc)
+            doc = _attribute_doc(module, name) or "A constant of this namespace."
+            lines += [f".. py:data:: {name}", "", *[f"   {line}" for line in doc.splitlines()], ""]
     lines += ["```", ""]
     return "\n".join(lines)
+
+
+def _attribute_doc(module: Any, name: str) -> str:
+    """The attribute doc of ``name`` in the submodule of ``module`` that defines it."""
+    import pkgutil
+
+    from sphinx.pycode import ModuleAnalyzer
+
+    for info in pkgutil.iter_modules(module.__path__, module.__name__ + "."):
+        try:
+            docs = ModuleAnalyzer.for_module(info.name).find_attr_docs()
+        except Exception:  # a submodule without source: skip
+            continue
+        if ("", name) in docs:
+            return "\n".join(docs[("", name)]).strip()
+    return ""
 
 
 def _write_if_changed(path: Path, text: str) -> None:
