@@ -12,13 +12,15 @@ import pytest
 from spatlas._config import Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "_ext"))
-import spatlas_docs  # noqa: E402
+import spatlas_docs
 
 
 def test_config_reference_lists_every_key_of_every_section():
     text = spatlas_docs.config_reference()
     hints = typing.get_type_hints(Config)
-    sections = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])]
+    sections = [
+        f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])
+    ]
     assert sections == [name for name, _ in spatlas_docs.config_sections()]
     assert len(sections) >= 10
     for section in sections:
@@ -33,7 +35,9 @@ def test_config_reference_gives_defaults_and_meanings():
     assert "| `clustering.method` | `str` | `kmeans` |" in text
     row = next(line for line in text.splitlines() if line.startswith("| `downstream.min_spots`"))
     assert "at least this many spots" in row
-    row = next(line for line in text.splitlines() if line.startswith("| `preprocessing.n_top_genes`"))
+    row = next(
+        line for line in text.splitlines() if line.startswith("| `preprocessing.n_top_genes`")
+    )
     assert "highly variable genes" in row
 
 
