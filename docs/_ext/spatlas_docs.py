@@ -100,7 +100,8 @@ def config_reference() -> str:
         "",
         "This page is generated from the config dataclasses in `spatlas._config` at every",
         "docs build (`docs/_ext/spatlas_docs.py`), so it lists exactly the keys the code reads.",
-        "A config file is YAML with one mapping per section; any key can be set on the command line with",
+        "A config file is YAML with one mapping per section; any key can be set on the command",
+        "line with",
         "`--set section.key=value`. Unknown keys are refused with the closest known name.",
         "",
     ]

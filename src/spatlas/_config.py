@@ -168,7 +168,8 @@ class ModelConfig:
     and domains come from that embedding (``obs['<name>_domain']``). ``morphology_weight``: α in
     [0, 3] of the paper's loss; ``window``: odd side of the neighbourhood window; ``steps``:
     optimiser steps; ``latent_dim``: width of the learned embedding; ``morphology_key``: the
-    ``obsm`` key of the morphology input. ``params`` go to the model as well (e.g. ``scaling``, ``batch_size``,
+    ``obsm`` key of the morphology input. ``params`` go to the model as well (e.g. ``scaling``,
+    ``batch_size``,
     ``cross_sample_positives``, ``pseudo_labels``, ``n_threads``, ``device``); the pseudo-label K
     defaults to ``clustering.n_clusters``.
     """
