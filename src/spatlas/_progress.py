@@ -10,6 +10,6 @@ T = TypeVar("T")
 
 def progress(iterable: Iterable[T], *, desc: str, total: int | None = None) -> Iterable[T]:
     """Wrap ``iterable`` in a tqdm bar labelled ``desc``."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # tqdm.auto would want ipywidgets in notebooks (a warning without)
 
     return tqdm(iterable, desc=desc, total=total, disable=None, leave=False)
