@@ -31,6 +31,8 @@ nb_execution_mode = "force"
 nb_execution_timeout = 300
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
+# stderr (log lines, library warnings such as tqdm's IProgress notice) is not part of the pages
+nb_output_stderr = "remove"
 nb_merge_streams = True
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
