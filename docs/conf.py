@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).parent / "_ext"))
 
 project = "spatlas"
 author = "spatlas developers"
-copyright = "spatlas developers"  # noqa: A001
+copyright = "spatlas developers"
 
 extensions = [
     "myst_nb",
