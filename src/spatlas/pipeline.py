@@ -409,28 +409,20 @@ def preprocess(config: Config, adata: ad.AnnData) -> None:
         seed=config.seed,
     )
     aug = config.augmentation
-    if augmented(config) and config.data.expression_embedding is not None:
-        pp.spatial_embedding(
-            adata,
-            basis=K.EXPRESSION_INPUT,
-            lam=aug.lam,
-            k_geom=aug.k_geom,
-            agf=aug.agf,
-            scale_by=aug.scale_by,
-            n_comps=aug.n_comps,
-            seed=config.seed,
-        )
-    elif augmented(config):
-        pp.spatial_expression(
-            adata,
-            lam=aug.lam,
-            k_geom=aug.k_geom,
-            agf=aug.agf,
-            normalisation=aug.normalisation,
-            scale_by=aug.scale_by,
-            n_comps=aug.n_comps,
-            seed=config.seed,
-        )
+    if not augmented(config):
+        return
+    shared = {
+        "lam": aug.lam,
+        "k_geom": aug.k_geom,
+        "agf": aug.agf,
+        "scale_by": aug.scale_by,
+        "n_comps": aug.n_comps,
+        "seed": config.seed,
+    }
+    if config.data.expression_embedding is not None:
+        pp.spatial_embedding(adata, basis=K.EXPRESSION_INPUT, **shared)
+    else:
+        pp.spatial_expression(adata, normalisation=aug.normalisation, **shared)
 
 
 def integrate(config: Config, adata: ad.AnnData, *, key_added: str | None = None) -> str:
@@ -649,6 +641,7 @@ def check_network(config: Config, adata: ad.AnnData) -> None:
         read_network(down.pathways),
         gene_symbols_key=down.gene_symbols,
         gene_map=down.gene_map,
+        warn=False,  # the pathways step says which sources it leaves out
     )
 
 

@@ -13,6 +13,7 @@ The same engine (:func:`domain_contrasts`) scores pathway activities per domain
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -240,11 +241,11 @@ def combine_contrasts(
     with np.errstate(invalid="ignore", divide="ignore"):
         z_comb = np.where(m > 0, np.nansum(z, axis=0) / np.sqrt(m), np.nan)
     p_up = stats.norm.sf(z_comb)
-    n_features = z.shape[2]
-    with np.errstate(invalid="ignore"), _quiet_nan_warnings():
-        mean_effect = np.nanmean(effect, axis=0) if n_features else effect.sum(axis=0)
-        min_effect = np.nanmin(effect, axis=0) if n_features else effect.sum(axis=0)
-        max_effect = np.nanmax(effect, axis=0) if n_features else effect.sum(axis=0)
+    with warnings.catch_warnings():  # untested groups: all-NaN slices, NaN is the answer
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_effect = np.nanmean(effect, axis=0)
+        min_effect = np.nanmin(effect, axis=0)
+        max_effect = np.nanmax(effect, axis=0)
     shape = z_comb.shape
     return {
         "n_present": np.broadcast_to(present.sum(axis=0)[:, None], shape).copy(),
@@ -258,20 +259,6 @@ def combine_contrasts(
         "min_effect": min_effect,
         "max_effect": max_effect,
     }
-
-
-class _quiet_nan_warnings:
-    """Silence numpy's 'All-NaN slice' / 'Mean of empty slice' warnings (untested groups)."""
-
-    def __enter__(self):
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc):
-        return self._ctx.__exit__(*exc)
 
 
 def gene_symbols(adata: ad.AnnData) -> pd.Series | None:

@@ -164,13 +164,14 @@ def match_network(
     gene_symbols_key: str | None = None,
     gene_map: str | Path | dict | None = None,
     tmin: int = 5,
+    warn: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, pd.Series, pd.Series, str]:
     """The cohort's genes a network scores, and how many targets each source keeps.
 
     Returns the ``var`` positions and network names of the matched genes (the first ``var``
     of a name named twice), targets matched per source, the sources with fewer than ``tmin``
-    (left out, named in a warning), and where the names came from. Raises when no source keeps
-    ``tmin`` targets.
+    (left out, named in a warning unless ``warn`` is false), and where the names came from.
+    Raises when no source keeps ``tmin`` targets.
     """
     names, matched_on = network_genes(
         adata, network, gene_symbols_key=gene_symbols_key, gene_map=gene_map
@@ -190,7 +191,7 @@ def match_network(
             f"no source of the network has {tmin} or more target genes in the cohort (matched "
             f"on {matched_on}: {int(counts.max())} at most); check the gene names or lower tmin"
         )
-    if len(dropped):
+    if len(dropped) and warn:
         logger.warning(
             "%d of %d network sources have fewer than %d target genes in the cohort and are "
             "left out: %s",

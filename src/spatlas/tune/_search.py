@@ -423,9 +423,7 @@ def _check_folder(out: Path, spec: dict, per_spot: Mapping[str, np.ndarray]) -> 
         save_json(spec_path, _canonical(spec))
         return False
     try:
-        old = json.loads(spec_path.read_text(encoding="utf-8"))
-        if not isinstance(old, dict):
-            raise ValueError("not a JSON object")
+        old = _read_spec(spec_path)
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise SpatlasInputError(
             f"--out {out}: its {SPEC_FILE} is unreadable ({_first_line(err)}), so the folder "
@@ -899,9 +897,7 @@ def read_search(out: str | Path) -> dict[str, Any]:
     out = Path(out)
     spec_path = out / SPEC_FILE
     try:
-        spec = json.loads(spec_path.read_text(encoding="utf-8"))
-        if not isinstance(spec, dict):
-            raise ValueError("not a JSON object")
+        spec = _read_spec(spec_path)
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise SpatlasInputError(
             f"{spec_path}: unreadable ({_first_line(err)}); is {out} a search folder? A "
@@ -918,6 +914,14 @@ def read_search(out: str | Path) -> dict[str, Any]:
                 f"same config and --out rewrites it from the cache"
             ) from None
     return tables
+
+
+def _read_spec(path: Path) -> dict:
+    """``search.json`` as a dict (OSError / ValueError when missing, damaged or not an object)."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(spec, dict):
+        raise ValueError("not a JSON object")
+    return spec
 
 
 def _first_line(err: BaseException) -> str:
