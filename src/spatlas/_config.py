@@ -271,6 +271,33 @@ class DownstreamConfig:
 
 
 @dataclass
+class ExpressionConfig:
+    """Expression read from the H&E image (``spatlas.tl.fit_expression_predictor``).
+
+    Needs ``morphology.enabled``: the predictor reads the morphology section's patch features
+    (any extractor). ``predict``: fit a ridge predictor from the features to the log-normalised
+    expression of the ``genes`` most variable genes of the training samples, and predict every
+    spot -> ``obsm['X_predicted_expression']``, the predictor in ``expression_model/`` (load it
+    with ``spatlas.tl.ExpressionPredictor.load``) and ``expression.csv``. ``holdout``: samples
+    whose counts the predictor never sees; they are predicted from their image alone and
+    ``expression.csv`` holds the Pearson r of predicted vs measured expression per held-out
+    sample and gene (they still take part in the domains). ``aligner``: ``none`` or
+    ``rank_align`` (trained on the training samples; new spots are embedded by its image branch,
+    the EMA teacher); ``aligner_params``: its settings (``latent_dim``, ``steps``, ...).
+    ``feature_scaling``: ``sample`` (each slide's features z-scored on its own spots) or
+    ``global``. ``alpha``: the ridge penalty, or ``auto`` (CV grouped by training sample).
+    """
+
+    predict: bool = False
+    holdout: list[str] = field(default_factory=list)
+    genes: int = 250
+    aligner: str = "none"
+    aligner_params: dict = field(default_factory=dict)
+    feature_scaling: str = "sample"
+    alpha: float | str = "auto"
+
+
+@dataclass
 class Config:
     """A whole run (``tune`` and ``benchmark`` are read by ``spatlas tune`` / ``benchmark``)."""
 
@@ -285,6 +312,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    expression: ExpressionConfig = field(default_factory=ExpressionConfig)
 
 
 PATH_FIELDS = {

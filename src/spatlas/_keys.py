@@ -20,12 +20,14 @@ FUSED = "X_fused"  # expression embedding joined by the weighted morphology embe
 MORPH_FEATURES = "X_morph_features"  # raw patch features (float32, one column per feature)
 MORPH_PCA = "X_morph_pca"  # PCA of the pooled standardised morphology features
 MORPH_HARMONY = "X_morph_harmony"  # the morphology PCs corrected by Harmony on the sample
+PREDICTED_EXPRESSION = "X_predicted_expression"  # expression predicted from the image (genes)
 
 # layers / var / uns
 COUNTS = "counts"  # raw UMI counts, kept through preprocessing
 HVG = "highly_variable"
 UNS = "spatlas"  # spatlas' own metadata (versions, preprocessing parameters)
 MORPHOLOGY = "morphology"  # uns['spatlas']['morphology']: extractor, images, stain statistics
+PREDICTED = "predicted_expression"  # uns['spatlas']['predicted_expression'][key]: genes, source
 EXPRESSION_INPUT_UNS = "expression_input"  # uns['spatlas']['expression_input']: source, dims
 
 # uns['spatial'][sample] fields, as scanpy / squidpy write them

@@ -218,6 +218,8 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
             morphology_features(config, adata)  # precomputed: read and checked before slow steps
     if config.downstream.pathways:  # the network must match the cohort's genes: say so now
         check_network(config, adata)
+    if config.expression.predict:
+        check_holdout(config, adata)
     with _step("preprocess", steps):
         preprocess(config, adata)
     method = integration_method(config)
@@ -234,6 +236,10 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
             if morph.features is None:
                 morphology_features(config, adata)
             morphology_embedding(config, adata)
+    expression = None
+    if config.expression.predict:
+        with _step("expression", steps):
+            expression = predict_expression(config, adata, stage=stage)
     fitted = None
     if _uses_model(config):
         with _step("model", steps):
@@ -298,6 +304,8 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
                 markers.to_csv(stage / "markers.csv", index=False, float_format="%.5g")
             if pathways is not None:
                 pathways.to_csv(stage / "pathways.csv", index=False, float_format="%.5g")
+            if expression is not None:
+                expression.to_csv(stage / "expression.csv", index=False, float_format="%.5g")
             if fitted is not None:
                 fitted.save(stage / "model")
         timings = pd.DataFrame(steps)
@@ -377,6 +385,7 @@ def check_config(config: Config) -> None:
             "be ignored; set morphology.enabled: true (or remove morphology.features)"
         )
     _check_downstream(config)
+    _check_expression(config)
     if config.data.expression_embedding is not None:
         from .pp import get_integration
 
@@ -629,6 +638,100 @@ def _check_downstream(config: Config) -> None:
     from ._deps import import_optional
 
     import_optional("decoupler", purpose="downstream.pathways")
+
+
+def _check_expression(config: Config) -> None:
+    from .tl._predict import ALIGNERS, FEATURE_SCALING, check_aligner_params
+
+    expr = config.expression
+    if not expr.predict:
+        return
+    if not config.morphology.enabled:
+        raise ConfigError(
+            "expression.predict reads the image features of the morphology section: set "
+            "morphology.enabled: true (any extractor, or morphology.features)"
+        )
+    _at_least("expression.genes", expr.genes, 1)
+    _one_of("expression.aligner", expr.aligner, ALIGNERS)
+    _one_of("expression.feature_scaling", expr.feature_scaling, FEATURE_SCALING)
+    if isinstance(expr.alpha, str) and expr.alpha != "auto":
+        raise ConfigError(f"expression.alpha must be a number > 0 or auto; got {expr.alpha!r}")
+    if not isinstance(expr.alpha, str) and not expr.alpha > 0:
+        raise ConfigError(f"expression.alpha must be > 0; got {expr.alpha!r}")
+    if len(set(map(str, expr.holdout))) != len(expr.holdout):
+        raise ConfigError(f"expression.holdout names a sample twice: {expr.holdout}")
+    if expr.aligner == "rank_align":
+        try:
+            check_aligner_params(dict(expr.aligner_params))
+        except SpatlasInputError as err:
+            raise ConfigError(f"expression.aligner_params: {err}") from None
+    elif expr.aligner_params:
+        raise ConfigError(
+            "expression.aligner_params is set but expression.aligner is none; set "
+            "expression.aligner: rank_align (or remove aligner_params)"
+        )
+
+
+def check_holdout(config: Config, adata: ad.AnnData) -> None:
+    """``expression.holdout`` names samples of the cohort and leaves some to train on."""
+    expr = config.expression
+    samples = set(adata.obs[K.SAMPLE].astype(str))
+    unknown = sorted(set(map(str, expr.holdout)) - samples)
+    if unknown:
+        raise ConfigError(
+            f"expression.holdout: {', '.join(unknown)} not in the cohort (samples: "
+            f"{', '.join(sorted(samples)[:12])})"
+        )
+    if samples <= set(map(str, expr.holdout)):
+        raise ConfigError(
+            "expression.holdout holds out every sample: leave at least one to fit the predictor"
+        )
+
+
+def predict_expression(
+    config: Config, adata: ad.AnnData, *, stage: Path | None
+) -> pd.DataFrame | None:
+    """The ``expression`` section: fit on the training samples, predict every spot.
+
+    Returns the per-gene Pearson r of the held-out samples (``expression.csv``), or ``None``
+    when nothing is held out. The predictor is saved to ``stage / 'expression_model'``.
+    """
+    from . import tl
+
+    expr = config.expression
+    predictor = tl.fit_expression_predictor(
+        adata,
+        features_key=K.MORPH_FEATURES,
+        genes=expr.genes,
+        exclude_samples=[str(s) for s in expr.holdout],
+        feature_scaling=expr.feature_scaling,
+        alpha=expr.alpha,
+        aligner=expr.aligner,
+        aligner_params=dict(expr.aligner_params),
+        target_sum=config.preprocessing.target_sum,
+        seed=config.seed,
+        device=config.morphology.device,
+    )
+    tl.predict_expression(adata, predictor)
+    if stage is not None:
+        predictor.save(stage / "expression_model")
+    if not expr.holdout:
+        return None
+    table = tl.expression_correlation(
+        adata, samples=[str(s) for s in expr.holdout], target_sum=config.preprocessing.target_sum
+    )
+    summary = tl.correlation_summary(table)
+    for _, row in summary.iterrows():
+        logger.info(
+            "expression from the image, held-out %s: mean r %.3f (top 50 genes), %.3f (top "
+            "250); %d of %d genes r > 0.3",
+            row["sample"],
+            row["mean_r_top50"],
+            row["mean_r_top250"],
+            row["n_genes_r>0.3"],
+            row["n_genes"],
+        )
+    return table
 
 
 def check_network(config: Config, adata: ad.AnnData) -> None:

@@ -14,14 +14,23 @@ The image branch has an **EMA teacher**: after every optimiser step its weights 
 student's with a momentum that ramps from 0.96 to 1 over training (cosine), and the teacher's
 projection of the morphology embedding is the model's output: an **aligned morphology
 embedding** whose similarities follow expression. It is meant as the morphology input of
-another model, e.g. ``grid_ae`` with ``morphology_key='X_rank_align'``.
+another model, e.g. ``grid_ae`` with ``morphology_key='X_rank_align'``, and as the image
+features of :func:`spatlas.tl.fit_expression_predictor` (expression read from the H&E).
+
+After training, the image branch embeds **new images without their expression**:
+:meth:`RankAlign.image_encoder` returns an :class:`AlignedImageEncoder` (input scaling + the
+teacher), and :meth:`AlignedImageEncoder.load` reads it back from a folder written by
+:meth:`RankAlign.save` with no access to the training cohort.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +43,7 @@ from .._errors import SpatlasInputError
 from . import register_model
 from ._base import check_architecture
 from ._losses import LossParts, info_nce, ranking_hinge
-from ._spot import SpotModel, mlp
+from ._spot import SpotModel, apply_scaler, mlp
 from ._trainer import TrainSettings
 
 
@@ -71,6 +80,71 @@ class RankAlignModule(nn.Module):
 def teacher_momentum(step: int, steps: int, start: float = 0.96) -> float:
     """EMA momentum at ``step``: cosine ramp from ``start`` to 1 over ``steps``."""
     return 1.0 - (1.0 - start) * 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps)))
+
+
+class AlignedImageEncoder:
+    """The trained image branch of ``rank_align``: morphology features -> aligned embedding.
+
+    Applies the training cohort's morphology scaling, then the EMA teacher, then L2
+    normalisation: exactly :meth:`RankAlign.get_latent` for a spot, but needs only its
+    morphology features (no expression, no training cohort).
+
+    Parameters
+    ----------
+    teacher
+        The teacher MLP (``n_morphology -> latent_dim``).
+    scaler
+        ``{'shift': [...], 'scale': [...]}`` of the morphology input.
+    """
+
+    def __init__(self, teacher: nn.Module, scaler: dict[str, list[float]]) -> None:
+        self.teacher = teacher.eval()
+        self.scaler = scaler
+        self.n_morphology = len(scaler["shift"])
+        self.latent_dim = int(teacher[-1].out_features)
+
+    def __call__(self, features: np.ndarray, *, batch_size: int = 4096) -> np.ndarray:
+        """``(n, n_morphology)`` features -> ``(n, latent_dim)`` float32 aligned embedding."""
+        from .._settings import torch_threads
+
+        X = np.asarray(features, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] != self.n_morphology:
+            raise SpatlasInputError(
+                f"rank_align image encoder expects {self.n_morphology} morphology features per "
+                f"spot, got an array of shape {X.shape}; use the extractor it was trained with"
+            )
+        if not np.isfinite(X).all():
+            raise SpatlasInputError("rank_align image encoder: the features hold NaN/inf values")
+        Z = apply_scaler(X, self.scaler)
+        dev = next(self.teacher.parameters()).device
+        out = []
+        with torch_threads(1), torch.no_grad():
+            for start in range(0, Z.shape[0], batch_size):
+                chunk = torch.from_numpy(Z[start : start + batch_size]).to(dev)
+                out.append(F.normalize(self.teacher(chunk), dim=1).float().cpu().numpy())
+        if not out:
+            return np.zeros((0, self.latent_dim), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AlignedImageEncoder:
+        """The image branch of a ``rank_align`` model folder written by :meth:`RankAlign.save`."""
+        path = Path(path)
+        meta_file, weights_file = path / "model.json", path / "weights.pt"
+        if not meta_file.exists() or not weights_file.exists():
+            raise SpatlasInputError(
+                f"{path} holds no saved rank_align model (model.json + weights.pt)"
+            )
+        meta: dict[str, Any] = json.loads(meta_file.read_text())
+        if meta.get("model") != "rank_align":
+            raise SpatlasInputError(f"{path} holds a '{meta.get('model')}' model, not rank_align")
+        p, state = meta["init_params"], meta["state"]
+        teacher = mlp(state["n_morphology"], p["hidden"], p["latent_dim"], dropout=p["dropout"])
+        weights = torch.load(weights_file, map_location="cpu", weights_only=True)
+        teacher.load_state_dict(
+            {k.removeprefix("teacher."): v for k, v in weights.items() if k.startswith("teacher.")}
+        )
+        return cls(teacher, state["scalers"]["morphology"])
 
 
 @register_model("rank_align")
@@ -117,6 +191,12 @@ class RankAlign(SpotModel):
         )
         check_architecture(latent_dim=latent_dim, hidden=hidden, dropout=dropout)
         self.init_params.update(latent_dim=latent_dim, hidden=hidden, dropout=dropout)
+
+    def image_encoder(self) -> AlignedImageEncoder:
+        """The trained image branch (teacher + input scaling) for new spots' features."""
+        self._check_trained()
+        teacher = copy.deepcopy(self.module.teacher).cpu()
+        return AlignedImageEncoder(teacher, self.scalers["morphology"])
 
     def _build_module(self) -> RankAlignModule:
         p = self.init_params

@@ -6,6 +6,7 @@ Figures are drawn by the Agg canvas and never shown; save them with ``fig.savefi
 from ._benchmark import benchmark_bars
 from ._biology import marker_dotplot, pathway_heatmap
 from ._embedding import umap
+from ._expression import expression_maps
 from ._spatial import spatial_domains
 from ._training import loss_curves
 from ._utils import category_colours, domain_colours
@@ -14,6 +15,7 @@ __all__ = [
     "benchmark_bars",
     "category_colours",
     "domain_colours",
+    "expression_maps",
     "loss_curves",
     "marker_dotplot",
     "pathway_heatmap",

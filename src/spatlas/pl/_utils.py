@@ -95,9 +95,7 @@ def domain_colours(domains: pd.Series, labels: pd.Series | None = None) -> dict[
     rows, cols = linear_sum_assignment(-table.to_numpy())
     colours = palette(len(label_names) + len(domain_names))
     mapping = {
-        domain_names[r]: colours[c]
-        for r, c in zip(rows, cols, strict=True)
-        if table.iat[r, c] > 0
+        domain_names[r]: colours[c] for r, c in zip(rows, cols, strict=True) if table.iat[r, c] > 0
     }
     spare = iter(colours[len(label_names) :])
     return {name: mapping.get(name) or next(spare) for name in domain_names}

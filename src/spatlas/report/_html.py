@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .. import _keys as K
@@ -30,6 +31,7 @@ SECTIONS = {
     "domains": "Spatial domains",
     "umap": "Embedding",
     "biology": "Markers and pathways",
+    "expression": "Expression from the image",
     "metrics": "Metrics and timings",
     "training": "Model training",
     "config": "Configuration",
@@ -136,6 +138,7 @@ def build_report(run_dir: str | Path, *, adata: Any = None) -> Path:
         "domains": _domains(adata, key, colours),
         "umap": _umap(adata, basis, key, colours, seed=int(config.get("seed", 0) or 0)),
         "biology": _biology(adata, key, colours, markers, pathways, config),
+        "expression": _expression(adata, run_dir, config),
         "metrics": _metrics(metrics, timings, labelled=_has_labels(adata)),
         "training": _training(model_meta, config, basis),
         "config": (
@@ -418,6 +421,83 @@ def _biology(
             )
         )
     return "\n".join(parts)
+
+
+def _expression(adata: Any, run_dir: Path, config: Mapping[str, Any]) -> str:
+    from .. import pl, tl
+
+    if K.PREDICTED_EXPRESSION not in adata.obsm:
+        return (
+            "<p>Expression was not predicted from the image in this run: turn it on with "
+            "<code>expression: {predict: true, holdout: [a sample]}</code> (needs "
+            "<code>morphology.enabled</code>).</p>"
+        )
+    meta = adata.uns.get(K.UNS, {}).get(K.PREDICTED, {}).get(K.PREDICTED_EXPRESSION, {})
+    genes = list(meta.get("genes", []))
+    model_file = run_dir / "expression_model" / "predictor.json"
+    info = json.loads(model_file.read_text()).get("info", {}) if model_file.is_file() else {}
+    aligner = str(meta.get("aligner", "none"))
+    lines = [
+        f"<p>{len(genes)} genes predicted for every spot from its image features "
+        f"(<code>obsm['{K.PREDICTED_EXPRESSION}']</code>) by a ridge predictor fitted on "
+        f"{html.escape(', '.join(map(str, meta.get('train_samples', []))))}"
+        + (", features aligned to expression by rank_align" if aligner == "rank_align" else "")
+        + f"; per-{html.escape(str(meta.get('feature_scaling', 'sample')))} feature scaling, "
+        f"penalty {float(meta.get('alpha', float('nan'))):.3g}. The predictor is in "
+        "<code>expression_model/</code>.</p>"
+    ]
+    cv = info.get("cv", {})
+    if cv.get("groups") and cv.get("per_group_r"):
+        alphas = np.asarray(cv["alphas"])
+        j = int(np.argmin(np.abs(alphas - float(meta.get("alpha", alphas[0])))))
+        frame = pd.DataFrame(
+            {
+                "predicted group": cv["groups"],
+                "mean r (all genes)": [row[j] for row in cv["per_group_r"]],
+            }
+        )
+        lines.append(
+            "<h3>Cross-validation within the training samples</h3>\n<p class='muted'>Each "
+            "training sample (or spatial block) predicted by a model fitted on the others, "
+            "at the chosen penalty.</p>\n" + _table(frame)
+        )
+    table = _read_table(run_dir / "expression.csv", dtype={"sample": str, "gene": str})
+    if table is None:
+        lines.append(
+            "<p class='muted'>No sample was held out, so there is no test of the prediction on "
+            "unseen sections: list some in <code>expression.holdout</code>.</p>"
+        )
+        return "\n".join(lines)
+    summary = tl.correlation_summary(table)
+    lines.append(
+        "<h3>Held-out samples</h3>\n<p class='muted'>Pearson r of predicted vs measured "
+        "log-normalised expression per gene on samples the predictor never saw the counts of "
+        "(<code>expression.csv</code>); top 50 / 250: the most variable genes of the training "
+        "samples.</p>\n" + _table(summary)
+    )
+    target_sum = float((config.get("preprocessing") or {}).get("target_sum", 1e4) or 1e4)
+    first = str(summary["sample"].iloc[0])
+    part = table.loc[table["sample"] == first].dropna(subset=["r"]).sort_values("r")
+    if len(part) >= 2:
+        chosen = [str(part["gene"].iloc[-1]), str(part["gene"].iloc[-2]), str(part["gene"].iloc[0])]
+        chosen = list(dict.fromkeys(chosen))
+        fig = pl.expression_maps(
+            adata,
+            sample=first,
+            genes=chosen,
+            r=dict(zip(part["gene"], part["r"], strict=True)),
+            target_sum=target_sum,
+        )
+        lines.append(
+            _figure(
+                fig,
+                alt="measured and predicted expression maps",
+                caption=f"Held-out sample {html.escape(first)}: the two best-predicted genes "
+                "and the worst one, measured (left) and predicted from the H&E alone (right); "
+                "each panel scaled to its own 2nd-98th percentile.",
+            )
+        )
+    return "\n".join(lines)
 
 
 def _has_labels(adata: Any) -> bool:
