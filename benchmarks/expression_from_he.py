@@ -101,7 +101,17 @@ def folds(adata: ad.AnnData, scheme: str) -> list[tuple[str, list[str]]]:
     ]
 
 
-def run(extractors: list[str], schemes: list[str], aligners: list[str], seed: int) -> None:
+# benchmark row name -> fit_expression_predictor settings
+ALIGNERS = {
+    "none": {"aligner": "none"},
+    "rank_align (+ features)": {"aligner": "rank_align", "aligner_features": "both"},
+    "rank_align (aligned only)": {"aligner": "rank_align", "aligner_features": "aligned"},
+}
+
+
+def run(
+    extractors: list[str], schemes: list[str], aligners: list[str], seed: int, append: bool
+) -> None:
     settings.n_threads = 1
     wall, cpu = time.perf_counter(), time.process_time()
     adata = cohort()
@@ -121,7 +131,7 @@ def run(extractors: list[str], schemes: list[str], aligners: list[str], seed: in
                         adata,
                         genes=250,
                         exclude_samples=held,
-                        aligner=aligner,
+                        **ALIGNERS[aligner],
                         seed=seed,
                         device="cpu",
                         progress=False,
@@ -150,9 +160,34 @@ def run(extractors: list[str], schemes: list[str], aligners: list[str], seed: in
                         print(fold_rows[-1], flush=True)
                     gene_rows.append(table.assign(features=name, aligner=aligner, scheme=scheme))
     per_fold = pd.DataFrame(fold_rows)
-    per_fold.to_csv(RESULTS / "expression_from_he_folds.csv", index=False, float_format="%.4f")
+    folds_csv = RESULTS / "expression_from_he_folds.csv"
+    genes_csv = RESULTS / "expression_from_he_genes.csv.gz"
+    gene_rows = [pd.concat(gene_rows, ignore_index=True)]
+    if append and folds_csv.exists():  # keep the rows of the combinations not rerun
+        keys = ["features", "aligner", "scheme"]
+        old = pd.read_csv(folds_csv)
+        done = set(map(tuple, per_fold[keys].drop_duplicates().to_numpy()))
+        keep = ~pd.Series([tuple(r) in done for r in old[keys].to_numpy()], index=old.index)
+        per_fold = pd.concat([old.loc[keep], per_fold], ignore_index=True)
+        old_genes = pd.read_csv(genes_csv)
+        keep = ~pd.Series(
+            [tuple(r) in done for r in old_genes[keys].to_numpy()], index=old_genes.index
+        )
+        gene_rows.insert(0, old_genes.loc[keep])
+        order = {name: i for i, name in enumerate(EXTRACTORS)}
+        rank = {name: i for i, name in enumerate(ALIGNERS)}
+        per_fold = per_fold.sort_values(
+            ["features", "scheme", "aligner"],
+            key=lambda c: (
+                c.map(order)
+                if c.name == "features"
+                else (c.map(rank) if c.name == "aligner" else c.map({"loso": 0, "lopo": 1}))
+            ),
+            kind="stable",
+        )
+    per_fold.to_csv(folds_csv, index=False, float_format="%.4f")
     genes = pd.concat(gene_rows, ignore_index=True)
-    genes.to_csv(RESULTS / "expression_from_he_genes.csv.gz", index=False, float_format="%.4f")
+    genes.to_csv(genes_csv, index=False, float_format="%.4f")
     summary = (
         per_fold.groupby(["scheme", "features", "aligner"], sort=False)
         .agg(
@@ -207,10 +242,16 @@ def main() -> None:
         "--extractors", nargs="+", default=list(EXTRACTORS), choices=list(EXTRACTORS)
     )
     parser.add_argument("--schemes", nargs="+", default=["loso", "lopo"], choices=["loso", "lopo"])
-    parser.add_argument("--aligners", nargs="+", default=["none", "rank_align"])
+    parser.add_argument("--aligners", nargs="+", default=list(ALIGNERS), choices=list(ALIGNERS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the earlier rows (results/expression_from_he_folds.csv) of the "
+        "combinations not run now",
+    )
     args = parser.parse_args()
-    run(args.extractors, args.schemes, args.aligners, args.seed)
+    run(args.extractors, args.schemes, args.aligners, args.seed, args.append)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ def test_rank_align_features_predict_too_and_the_predictor_round_trips(painted, 
         aligner_params={"steps": 150, "latent_dim": 16},
         progress=False,
     )
-    assert predictor.aligner is not None and predictor.coef.shape == (16, len(markers))
+    # the ridge reads the image features and the 16-d aligned embedding side by side
+    width = painted.obsm[K.MORPH_FEATURES].shape[1] + 16
+    assert predictor.aligner is not None and predictor.coef.shape == (width, len(markers))
     spatlas.tl.predict_expression(painted, predictor, samples=held)
     table = spatlas.tl.expression_correlation(painted, samples=held)
     assert table["r"].mean() > 0.05  # the random-feature floor is about 0 (test above)
@@ -98,9 +100,10 @@ def test_spots_with_only_an_image_are_predicted_like_the_same_spots_in_the_cohor
 
 def test_same_seed_same_numbers(painted):
     kwargs = {"genes": 20, "exclude_samples": held_out(painted), "aligner": "rank_align"}
-    kwargs["aligner_params"] = {"steps": 40}
+    kwargs.update(aligner_params={"steps": 40}, aligner_features="aligned")
     a = spatlas.tl.fit_expression_predictor(painted, progress=False, **kwargs)
     b = spatlas.tl.fit_expression_predictor(painted, progress=False, **kwargs)
+    assert a.coef.shape == (64, 20)  # the aligned embedding alone (default latent 64)
     np.testing.assert_array_equal(a.coef, b.coef)
     assert a.alpha == b.alpha and a.genes == b.genes
 

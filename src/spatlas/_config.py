@@ -283,7 +283,9 @@ class ExpressionConfig:
     ``expression.csv`` holds the Pearson r of predicted vs measured expression per held-out
     sample and gene (they still take part in the domains). ``aligner``: ``none`` or
     ``rank_align`` (trained on the training samples; new spots are embedded by its image branch,
-    the EMA teacher); ``aligner_params``: its settings (``latent_dim``, ``steps``, ...).
+    the EMA teacher); ``aligner_features``: ``both`` (the ridge reads the image features and the
+    aligned embedding) or ``aligned`` (the embedding alone); ``aligner_params``: its settings
+    (``latent_dim``, ``steps``, ...).
     ``feature_scaling``: ``sample`` (each slide's features z-scored on its own spots) or
     ``global``. ``alpha``: the ridge penalty, or ``auto`` (CV grouped by training sample).
     """
@@ -292,6 +294,7 @@ class ExpressionConfig:
     holdout: list[str] = field(default_factory=list)
     genes: int = 250
     aligner: str = "none"
+    aligner_features: str = "both"
     aligner_params: dict = field(default_factory=dict)
     feature_scaling: str = "sample"
     alpha: float | str = "auto"

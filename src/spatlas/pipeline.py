@@ -641,7 +641,7 @@ def _check_downstream(config: Config) -> None:
 
 
 def _check_expression(config: Config) -> None:
-    from .tl._predict import ALIGNERS, FEATURE_SCALING, check_aligner_params
+    from .tl._predict import ALIGNER_FEATURES, ALIGNERS, FEATURE_SCALING, check_aligner_params
 
     expr = config.expression
     if not expr.predict:
@@ -653,6 +653,7 @@ def _check_expression(config: Config) -> None:
         )
     _at_least("expression.genes", expr.genes, 1)
     _one_of("expression.aligner", expr.aligner, ALIGNERS)
+    _one_of("expression.aligner_features", expr.aligner_features, ALIGNER_FEATURES)
     _one_of("expression.feature_scaling", expr.feature_scaling, FEATURE_SCALING)
     if isinstance(expr.alpha, str) and expr.alpha != "auto":
         raise ConfigError(f"expression.alpha must be a number > 0 or auto; got {expr.alpha!r}")
@@ -708,6 +709,7 @@ def predict_expression(
         alpha=expr.alpha,
         aligner=expr.aligner,
         aligner_params=dict(expr.aligner_params),
+        aligner_features=expr.aligner_features,
         target_sum=config.preprocessing.target_sum,
         seed=config.seed,
         device=config.morphology.device,

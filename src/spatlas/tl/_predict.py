@@ -44,6 +44,7 @@ from .._logging import logger
 
 FEATURE_SCALING = ("sample", "global")
 ALIGNERS = ("none", "rank_align")
+ALIGNER_FEATURES = ("both", "aligned")
 _PREDICTOR_JSON = "predictor.json"
 _PREDICTOR_ARRAYS = "predictor.npz"
 _ALIGNER_DIR = "aligner"
@@ -274,6 +275,8 @@ class ExpressionPredictor:
     aligner
         ``None`` or the ``rank_align`` image branch
         (:class:`~spatlas.models.rank_align.AlignedImageEncoder`).
+    aligner_features
+        ``both`` (the ridge reads the features and the aligned embedding) or ``aligned``.
     reduction
         With an aligner and wide features: the PCA (``mean``, ``components``) of the scaled
         features that the aligner reads.
@@ -292,6 +295,7 @@ class ExpressionPredictor:
     aligner: Any = None
     aligner_model: Any = field(default=None, repr=False)
     reduction: dict[str, np.ndarray] | None = None
+    aligner_features: str = "both"
     info: dict[str, Any] = field(default_factory=dict)
 
     def ridge_input(self, features: np.ndarray, samples: np.ndarray) -> np.ndarray:
@@ -307,7 +311,8 @@ class ExpressionPredictor:
             Xs = scale_features(X, samples, self.feature_scaling, self.info.get("raw_stats"))
             if self.reduction is not None:
                 Xs = _project(Xs, self.reduction)
-            X = self.aligner(Xs)
+            aligned = self.aligner(Xs)
+            X = np.hstack([X, aligned]) if self.aligner_features == "both" else aligned
         return scale_features(X, samples, self.feature_scaling, self.stats)
 
     def predict(self, features: np.ndarray, samples: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -335,6 +340,7 @@ class ExpressionPredictor:
             "alpha": self.alpha,
             "stats": self.stats,
             "aligner": "rank_align" if self.aligner is not None else "none",
+            "aligner_features": self.aligner_features,
             "info": _jsonable(self.info),
         }
         if self.aligner is not None:
@@ -381,6 +387,7 @@ class ExpressionPredictor:
             stats=meta["stats"],
             aligner=aligner,
             info=meta["info"],
+            aligner_features=meta.get("aligner_features", "both"),
             reduction=(
                 {"mean": arrays["reduction_mean"], "components": arrays["reduction_components"]}
                 if "reduction_mean" in arrays
@@ -466,6 +473,7 @@ def fit_expression_predictor(
     aligner: str = "none",
     aligner_params: dict | None = None,
     aligner_pcs: int | None = 50,
+    aligner_features: str = "both",
     layer: str | None = None,
     target_sum: float = 1e4,
     sample_key: str = K.SAMPLE,
@@ -503,6 +511,10 @@ def fit_expression_predictor(
         The aligner reads this many principal components of the scaled features when they are
         wider (an MLP on 1,280 raw network features and a few thousand spots overfits); ``None``:
         the features themselves.
+    aligner_features
+        With an aligner: ``both`` (default), the ridge reads the image features and the aligned
+        embedding side by side, so the alignment can only add what the features lack; or
+        ``aligned``, the aligned embedding alone.
     aligner_params
         ``rank_align`` settings: constructor ones (``latent_dim``, ``hidden``, ``dropout``) and
         ``train()`` ones (``steps``, ``batch_size``, ``lr``, ...). Defaults: latent 64; the
@@ -526,6 +538,11 @@ def fit_expression_predictor(
         )
     if aligner_pcs is not None and aligner_pcs < 2:
         raise SpatlasInputError(f"aligner_pcs must be >= 2 or None (got {aligner_pcs})")
+    if aligner_features not in ALIGNER_FEATURES:
+        raise SpatlasInputError(
+            f"aligner_features must be one of {', '.join(ALIGNER_FEATURES)} "
+            f"(got {aligner_features!r})"
+        )
     if aligner not in ALIGNERS:
         raise SpatlasInputError(f"aligner must be one of {', '.join(ALIGNERS)} (got {aligner!r})")
     if isinstance(alpha, str) and alpha != "auto":
@@ -587,6 +604,8 @@ def fit_expression_predictor(
                 Xs[~val], Y[~val], train_names[~val], params={**params, "steps": steps}, **align
             ).image_encoder()
             A = probe(Xs)
+            if aligner_features == "both":
+                A = np.hstack([X, A])
             Zv = scale_features(
                 A, train_names, feature_scaling, _global_stats(A[~val]) if raw_stats else None
             ).astype(np.float64)
@@ -606,7 +625,8 @@ def fit_expression_predictor(
             "pcs": None if reduction is None else int(reduction["components"].shape[1]),
             "probe_r_by_steps": probe_scores,
         }
-        X = aligner_obj(Xs)
+        aligned = aligner_obj(Xs)
+        X = np.hstack([X, aligned]) if aligner_features == "both" else aligned
     stats = _global_stats(X) if feature_scaling == "global" else None
     Z = scale_features(X, train_names, feature_scaling, stats).astype(np.float64)
     if aligner == "none":
@@ -663,6 +683,7 @@ def fit_expression_predictor(
         aligner=aligner_obj,
         aligner_model=aligner_model,
         reduction=reduction,
+        aligner_features=aligner_features,
         info=info,
     )
 
