@@ -456,10 +456,18 @@ def _expression(adata: Any, run_dir: Path, config: Mapping[str, Any]) -> str:
                 "mean r (all genes)": [row[j] for row in cv["per_group_r"]],
             }
         )
+        how = (
+            "Validation samples, left out of a probe aligner and ridge trained on the other "
+            "training samples (how the penalty and the aligner's training length were chosen)."
+            if aligner == "rank_align"
+            else "Each training sample (or spatial block) predicted by a model fitted on the "
+            "others, at the chosen penalty."
+        )
         lines.append(
-            "<h3>Cross-validation within the training samples</h3>\n<p class='muted'>Each "
-            "training sample (or spatial block) predicted by a model fitted on the others, "
-            "at the chosen penalty.</p>\n" + _table(frame)
+            "<h3>Cross-validation within the training samples</h3>\n<p class='muted'>"
+            + how
+            + "</p>\n"
+            + _table(frame)
         )
     table = _read_table(run_dir / "expression.csv", dtype={"sample": str, "gene": str})
     if table is None:
