@@ -239,3 +239,17 @@ def test_bad_expression_settings_fail_before_the_run(tmp_path):
         with pytest.raises(ConfigError, match=message):
             spatlas.pipeline.run(config, out=tmp_path / "never")
         assert not (tmp_path / "never").exists()
+
+
+def test_global_scaling_round_trips(painted, tmp_path):
+    held = held_out(painted)
+    predictor = spatlas.tl.fit_expression_predictor(
+        painted, genes=10, exclude_samples=held, feature_scaling="global"
+    )
+    assert predictor.stats is not None
+    spatlas.tl.predict_expression(painted, predictor, samples=held)
+    first = np.asarray(painted.obsm[K.PREDICTED_EXPRESSION]).copy()
+    predictor.save(tmp_path / "g")
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["predictor.json", "predictor.npz"]
+    spatlas.tl.predict_expression(painted, tmp_path / "g", samples=held)
+    np.testing.assert_array_equal(painted.obsm[K.PREDICTED_EXPRESSION], first)

@@ -26,8 +26,6 @@ Everything is deterministic; the same seed gives the same numbers.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from anndata import AnnData
 from .. import _keys as K
 from .._errors import SpatlasInputError
 from .._logging import logger
+from ..io._write import atomic_path
 
 FEATURE_SCALING = ("sample", "global")
 ALIGNERS = ("none", "rank_align")
@@ -53,7 +52,8 @@ _ALIGNER_DIR = "aligner"
 # -- targets -----------------------------------------------------------------------------------
 
 
-def _counts(adata: AnnData, layer: str | None) -> sp.csr_matrix:
+def _counts(adata: AnnData, layer: str | None, rows: np.ndarray | None = None) -> sp.csr_matrix:
+    """The counts of ``rows`` (all spots by default) as float32 CSR; only those rows are copied."""
     if layer is None:
         layer = K.COUNTS if K.COUNTS in adata.layers else None
     X = adata.X if layer is None else adata.layers.get(layer)
@@ -61,6 +61,8 @@ def _counts(adata: AnnData, layer: str | None) -> sp.csr_matrix:
         raise SpatlasInputError(
             f"no counts: adata.layers['{layer}'] is missing" if layer else "adata.X is empty"
         )
+    if rows is not None:
+        X = X[rows]
     return sp.csr_matrix(X, dtype=np.float32)
 
 
@@ -83,9 +85,7 @@ def log_normalised(
             f"{len(missing)} of the predictor's genes are not in the data (e.g. "
             f"{', '.join(missing[:5])}); the same gene identifiers are needed"
         )
-    X = _counts(adata, layer)
-    if rows is not None:
-        X = X[rows]
+    X = _counts(adata, layer, rows)
     total = np.asarray(X.sum(axis=1)).ravel()
     cols = adata.var_names.get_indexer(list(genes))
     sub = X[:, cols].toarray()
@@ -109,7 +109,7 @@ def variable_genes(
     import scanpy as sc
 
     rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
-    counts = _counts(adata, layer)[rows]
+    counts = _counts(adata, layer, rows)
     keep = np.asarray((counts > 0).sum(axis=0)).ravel() > 0
     if int(keep.sum()) < 2:
         raise SpatlasInputError("fewer than 2 genes are detected in the training spots")
@@ -158,22 +158,18 @@ def scale_features(
     X: np.ndarray, samples: np.ndarray, mode: str, stats: dict[str, list[float]] | None = None
 ) -> np.ndarray:
     """Per-sample z-scores (``sample``) or ``(X - shift) / scale`` with ``stats`` (``global``)."""
-    X = np.asarray(X, dtype=np.float64)
     if mode == "global":
+        from ..models._spot import apply_scaler  # torch is imported only when models are used
+
         assert stats is not None
-        return ((X - np.asarray(stats["shift"])) / np.asarray(stats["scale"])).astype(np.float32)
+        return apply_scaler(np.asarray(X, dtype=np.float64), stats)
+    X = np.asarray(X, dtype=np.float64)
     out = np.empty(X.shape, dtype=np.float32)
     for s in np.unique(samples):
         m = samples == s
         mean, std = X[m].mean(axis=0), X[m].std(axis=0)
         out[m] = (X[m] - mean) / np.where(std > 1e-12, std, 1.0)
     return out
-
-
-def _global_stats(X: np.ndarray) -> dict[str, list[float]]:
-    X = np.asarray(X, dtype=np.float64)
-    std = X.std(axis=0)
-    return {"shift": X.mean(axis=0).tolist(), "scale": np.where(std > 1e-12, std, 1.0).tolist()}
 
 
 def _features(adata: AnnData, key: str) -> np.ndarray:
@@ -349,15 +345,12 @@ class ExpressionPredictor:
                     "this predictor's aligner was loaded, not trained: save it from the original"
                 )
             self.aligner_model.save(path / _ALIGNER_DIR, overwrite=overwrite)
-        _atomic_write(
-            path / _PREDICTOR_ARRAYS,
-            lambda fh: np.savez(
-                fh, coef=self.coef, intercept=self.intercept, **_reduction_arrays(self.reduction)
-            ),
-        )
-        _atomic_write(
-            path / _PREDICTOR_JSON, lambda fh: fh.write(json.dumps(meta, indent=1).encode())
-        )
+        arrays = {"coef": self.coef, "intercept": self.intercept}
+        arrays.update(_reduction_arrays(self.reduction))
+        with atomic_path(path / _PREDICTOR_ARRAYS) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # a file object: savez would add .npz to a path
+        with atomic_path(path / _PREDICTOR_JSON) as tmp:
+            tmp.write_text(json.dumps(meta, indent=1))
         return path
 
     @classmethod
@@ -420,17 +413,6 @@ def _project(X: np.ndarray, reduction: dict[str, np.ndarray]) -> np.ndarray:
     return ((np.asarray(X, dtype=np.float64) - reduction["mean"]) @ reduction["components"]).astype(
         np.float32
     )
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(obj: Any) -> Any:
@@ -574,7 +556,9 @@ def fit_expression_predictor(
     )
     train_names = names[rows]
     X = features[rows]
-    raw_stats = _global_stats(X) if feature_scaling == "global" else None
+    from ..models._spot import standard_scaler
+
+    raw_stats = standard_scaler(X) if feature_scaling == "global" else None
     aligner_obj = aligner_model = reduction = None
     aligner_info: dict[str, Any] = {}
     xy = np.asarray(adata.obsm[K.SPATIAL])[rows] if K.SPATIAL in adata.obsm else None
@@ -607,7 +591,7 @@ def fit_expression_predictor(
             if aligner_features == "both":
                 A = np.hstack([X, A])
             Zv = scale_features(
-                A, train_names, feature_scaling, _global_stats(A[~val]) if raw_stats else None
+                A, train_names, feature_scaling, standard_scaler(A[~val]) if raw_stats else None
             ).astype(np.float64)
             scores, grid = _ridge_scores(Zv, Y, splits, lambdas)
             mean = np.nanmean(scores, axis=0)
@@ -627,7 +611,7 @@ def fit_expression_predictor(
         }
         aligned = aligner_obj(Xs)
         X = np.hstack([X, aligned]) if aligner_features == "both" else aligned
-    stats = _global_stats(X) if feature_scaling == "global" else None
+    stats = standard_scaler(X) if feature_scaling == "global" else None
     Z = scale_features(X, train_names, feature_scaling, stats).astype(np.float64)
     if aligner == "none":
         fold_ids = np.unique(groups)
