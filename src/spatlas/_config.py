@@ -40,6 +40,12 @@ class DataConfig:
         ``augmentation`` then runs on its columns (-> ``X_spatial_pca``); without it, the
         ``integration`` reads ``X_input``. Preprocessing still runs (markers read the
         log-normalised ``X``).
+    write_spatialdata
+        When samples come from SpatialData stores (sample-sheet rows whose ``path`` is a
+        ``.zarr``), write a copy of each store into the run folder (``spatialdata/<store>``)
+        with a ``spatlas`` table holding the domains, the embedding and the per-domain tables,
+        so the domains can be viewed over the image in tools that read SpatialData. The input
+        stores are never modified.
     """
 
     sheet: str | None = None
@@ -54,6 +60,7 @@ class DataConfig:
     join: str = "inner"
     exclude_labels: list[str] = field(default_factory=list)
     expression_embedding: str | None = None
+    write_spatialdata: bool = True
 
 
 @dataclass

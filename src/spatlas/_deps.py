@@ -15,6 +15,7 @@ _KNOWN = {
     "scvi": ("scvi-tools", "scvi"),
     "ray": ("ray[tune]", "ray"),
     "decoupler": ("decoupler", "pathways"),
+    "spatialdata": ("spatialdata", "spatialdata"),
     "harmonypy": ("harmonypy", None),
     "scanorama": ("scanorama", None),
     "leidenalg": ("leidenalg", None),

@@ -10,6 +10,8 @@ ARRAY_ROW = "array_row"
 ARRAY_COL = "array_col"
 IN_TISSUE = "in_tissue"
 LABEL = "label"  # ground-truth domain annotation, when the cohort has one
+INSTANCE = "instance_id"  # SpatialData input: the shape's instance id in its region
+CELL_AREA = "cell_area"  # segmented cells: polygon area in full-resolution pixels²
 
 # obsm / uns
 SPATIAL = "spatial"  # obsm: full-resolution pixels (x, y); uns: per-sample images + scalefactors
@@ -36,6 +38,14 @@ SCALEFACTORS = "scalefactors"
 METADATA = "metadata"
 FULLRES_PATH = "fullres_image_path"
 SPOT_DIAMETER = "spot_diameter_fullres"
+# image pixels per full-resolution pixel of the image at FULLRES_PATH (1 when it is the
+# full-resolution image itself; a SpatialData store's H&E may sit at another scale)
+FULLRES_SCALEF = "fullres_image_scalef"
+# uns['spatial'][sample]['metadata'] of a sample read from a SpatialData store
+SD_STORE = "spatialdata_store"
+SD_TABLE = "spatialdata_table"
+SD_REGION = "spatialdata_region"
+SD_COORDINATES = "spatialdata_coordinate_system"
 LOWRES_SCALEF = "tissue_lowres_scalef"
 HIRES_SCALEF = "tissue_hires_scalef"
 

@@ -308,12 +308,47 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
                 expression.to_csv(stage / "expression.csv", index=False, float_format="%.5g")
             if fitted is not None:
                 fitted.save(stage / "model")
+            if config.data.write_spatialdata and _from_spatialdata(adata):
+                from .io._spatialdata import write_spatialdata_results
+
+                tables = {"domain_sizes": _domain_sizes(adata, domain_key)}
+                for name, frame in (("metrics", table), ("markers", markers)):
+                    if frame is not None:
+                        tables[name] = frame
+                write_spatialdata_results(
+                    adata,
+                    stage / "spatialdata",
+                    domain_key=domain_key,
+                    embeddings=tuple(dict.fromkeys([basis, K.PCA])),
+                    tables=tables,
+                )
         timings = pd.DataFrame(steps)
         timings.to_csv(stage / "timings.csv", index=False)
         _write_report(stage, adata)
     return RunResult(
         adata=adata, metrics=table, timings=timings, domain_key=domain_key, steps=steps
     )
+
+
+def _from_spatialdata(adata: ad.AnnData) -> bool:
+    """Whether any sample was read from a SpatialData store."""
+    return any(
+        ((info or {}).get(K.METADATA) or {}).get(K.SD_STORE)
+        for info in adata.uns.get(K.SPATIAL, {}).values()
+    )
+
+
+def _domain_sizes(adata: ad.AnnData, domain_key: str) -> pd.DataFrame:
+    """Spots per domain and sample (long format)."""
+    sizes = (
+        adata.obs.groupby([K.SAMPLE, domain_key], observed=True)
+        .size()
+        .rename("spots")
+        .reset_index()
+    )
+    sizes[K.SAMPLE] = sizes[K.SAMPLE].astype(str)
+    sizes[domain_key] = sizes[domain_key].astype(str)
+    return sizes
 
 
 def augmented(config: Config) -> bool:

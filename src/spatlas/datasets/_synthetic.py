@@ -31,6 +31,7 @@ LAYOUTS = ("layers", "blobs", "mixed")
 _SPACING = 100.0 / 55.0
 _ROW_STEP = np.sqrt(3.0) / 2.0  # row spacing on the hex lattice, in centre-to-centre units
 _HEX_OFFSETS = ((0, 2), (0, -2), (1, 1), (1, -1), (-1, 1), (-1, -1))
+_SQUARE_OFFSETS = ((0, 1), (0, -1), (1, 0), (-1, 0))
 # Ruifrok & Johnston optical-density vectors of haematoxylin and eosin (RGB)
 _H_OD = np.array([0.650, 0.704, 0.286])
 _E_OD = np.array([0.072, 0.990, 0.105])
@@ -47,6 +48,7 @@ def synthetic_cohort(
     seed: int = 0,
     *,
     layout: Literal["layers", "blobs", "mixed"] = "layers",
+    lattice: Literal["hex", "square"] = "hex",
     image: bool = True,
     spot_diameter_px: float = 24.0,
     hires_spot_px: float = 12.0,
@@ -92,6 +94,10 @@ def synthetic_cohort(
         Seed of every random choice; the same seed gives identical data.
     layout
         ``'layers'`` (bands), ``'blobs'`` or ``'mixed'`` (bands plus blobs of the last domain).
+    lattice
+        ``'hex'``: Visium spots (55 µm, 100 µm apart); ``'square'``: a Visium-HD-like square
+        lattice of touching bins whose side is ``spot_diameter_px`` (``array_row`` /
+        ``array_col`` the bin's row and column).
     image
         Paint a hires H&E image per sample (``uns['spatial'][sample]['images']['hires']``).
     spot_diameter_px
@@ -146,6 +152,7 @@ def synthetic_cohort(
         spot_diameter_px,
         hires_spot_px,
         n_markers,
+        lattice=lattice,
         fractions={
             "dropout": dropout,
             "boundary_mixing": boundary_mixing,
@@ -184,8 +191,13 @@ def synthetic_cohort(
             sample = f"{donor}_s{s}"
             sample_names.append(sample)
             rng = np.random.default_rng([seed, _SAMPLE, d, s])
-            rows, cols = _hex_patch(n_spots, rng)
-            uv = np.column_stack([cols / 2.0, rows * _ROW_STEP])  # centre-to-centre units
+            square = lattice == "square"
+            rows, cols = _square_patch(n_spots, rng) if square else _hex_patch(n_spots, rng)
+            uv = (  # centre-to-centre units
+                np.column_stack([cols, rows]).astype(np.float64)
+                if square
+                else np.column_stack([cols / 2.0, rows * _ROW_STEP])
+            )
             labels = _plant_domains(
                 uv,
                 n_domains,
@@ -194,7 +206,9 @@ def synthetic_cohort(
                 rng,
                 missing_domain_prob=missing_domain_prob,
             )
-            membership = _soft_membership(rows, cols, labels, n_domains, boundary_mixing)
+            membership = _soft_membership(
+                rows, cols, labels, n_domains, boundary_mixing, square=square
+            )
             counts = _simulate_counts(
                 uv,
                 membership,
@@ -210,9 +224,10 @@ def synthetic_cohort(
             morph = _morphology(uv, membership, programmes["morph_means"], rng, morph_noise)
 
             # tissue placed with a margin of 1.5-2.5 spot distances on every side
-            c2c = spot_diameter_px * _SPACING
+            c2c = spot_diameter_px * (1.0 if square else _SPACING)
             x0, y0, right, bottom = c2c * rng.uniform(1.5, 2.5, size=4)
-            xy = np.column_stack([x0 + cols * c2c / 2.0, y0 + rows * c2c * _ROW_STEP])
+            step = (c2c, c2c) if square else (c2c / 2.0, c2c * _ROW_STEP)  # per col, per row
+            xy = np.column_stack([x0 + cols * step[0], y0 + rows * step[1]])
             hires_scalef = hires_spot_px / spot_diameter_px
             images = {}
             if image:
@@ -230,6 +245,7 @@ def synthetic_cohort(
                     morph,
                     np.random.default_rng([seed, _IMAGE, d, s]),
                     stain_shift=stain_shift,
+                    square=square,
                 )
             barcodes = _barcodes(rows, cols)
             obs_frames.append(
@@ -295,6 +311,7 @@ def _check_args(
     hires_spot_px: float,
     n_markers: int,
     *,
+    lattice: str = "hex",
     fractions: dict[str, float],
     scales: dict[str, float],
 ) -> None:
@@ -323,6 +340,8 @@ def _check_args(
         problems.append(f"seed must be a non-negative integer (got {seed})")
     if layout not in LAYOUTS:
         problems.append(f"layout must be one of {', '.join(LAYOUTS)} (got {layout!r})")
+    if lattice not in ("hex", "square"):
+        problems.append(f"lattice must be 'hex' or 'square' (got {lattice!r})")
     if spot_diameter_px <= 0 or hires_spot_px <= 0:
         problems.append("spot_diameter_px and hires_spot_px must be positive")
     if problems:
@@ -331,6 +350,27 @@ def _check_args(
 
 # ---------------------------------------------------------------------------------------------
 # geometry and domains
+
+
+def _square_patch(n_spots: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rows / cols of an irregular oval-to-rectangular patch of a square lattice."""
+    n = int(np.rint(n_spots * rng.uniform(0.9, 1.1)))
+    aspect = rng.uniform(0.7, 1.45)
+    power = rng.uniform(2.0, 4.0)
+    size = np.sqrt(n / np.pi)
+    half_w, half_h = size * np.sqrt(aspect), size / np.sqrt(aspect)
+    n_rows, n_cols = int(np.ceil(1.8 * half_h)) * 2 + 1, int(np.ceil(1.8 * half_w)) * 2 + 1
+    rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
+    rows, cols = rows.ravel(), cols.ravel()
+    u, v = cols - (n_cols - 1) / 2.0, rows - (n_rows - 1) / 2.0
+    angle = np.arctan2(v, u)
+    wobble = 1.0 + sum(
+        rng.uniform(0.0, 0.06) * np.cos(h * angle + rng.uniform(0, 2 * np.pi)) for h in (2, 3, 5)
+    )
+    radius = (np.abs(u / half_w) ** power + np.abs(v / half_h) ** power) ** (1 / power) / wobble
+    keep = np.sort(np.argsort(radius, kind="stable")[:n])
+    rows, cols = rows[keep], cols[keep]
+    return (rows - rows.min()).astype(np.int64), (cols - cols.min()).astype(np.int64)
 
 
 def _hex_patch(n_spots: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -455,19 +495,27 @@ def _plant_domains(
     return labels
 
 
-def _hex_neighbours(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """(n, 6) indices of each spot's hex-lattice neighbours, -1 where there is none."""
+def _hex_neighbours(
+    rows: np.ndarray, cols: np.ndarray, offsets: tuple = _HEX_OFFSETS
+) -> np.ndarray:
+    """(n, 6) indices of each spot's hex-lattice neighbours (or ``offsets``), -1 where none."""
     grid = np.full((rows.max() + 3, cols.max() + 5), -1, dtype=np.int64)
     grid[rows + 1, cols + 2] = np.arange(rows.size)
-    return np.stack([grid[rows + 1 + dr, cols + 2 + dc] for dr, dc in _HEX_OFFSETS], axis=1)
+    return np.stack([grid[rows + 1 + dr, cols + 2 + dc] for dr, dc in offsets], axis=1)
 
 
 def _soft_membership(
-    rows: np.ndarray, cols: np.ndarray, labels: np.ndarray, n_domains: int, mixing: float
+    rows: np.ndarray,
+    cols: np.ndarray,
+    labels: np.ndarray,
+    n_domains: int,
+    mixing: float,
+    *,
+    square: bool = False,
 ) -> np.ndarray:
     """One-hot domains blended with the neighbours' (spots straddle domain boundaries)."""
     onehot = np.eye(n_domains)[labels]
-    nb = _hex_neighbours(rows, cols)
+    nb = _hex_neighbours(rows, cols, _SQUARE_OFFSETS if square else _HEX_OFFSETS)
     valid = nb >= 0
     n_valid = valid.sum(axis=1, keepdims=True)
     nb_mean = (onehot[np.where(valid, nb, 0)] * valid[..., None]).sum(axis=1)
@@ -609,6 +657,8 @@ def _nearest_site(
     origin: tuple[float, float],
     step: tuple[float, float],
     grid: np.ndarray,
+    *,
+    square: bool = False,
 ) -> np.ndarray:
     """For each pixel, the index of the spot whose hex cell holds it, -1 off tissue.
 
@@ -618,6 +668,10 @@ def _nearest_site(
     height, width = shape
     fr = (np.arange(height, dtype=np.float32) - np.float32(origin[1])) / np.float32(step[1])
     fc = (np.arange(width, dtype=np.float32) - np.float32(origin[0])) / np.float32(step[0])
+    if square:  # the square bin holding the pixel
+        r = np.clip(np.round(fr).astype(np.int64) + 2, 0, grid.shape[0] - 1)
+        c = np.clip(np.round(fc).astype(np.int64) + 2, 0, grid.shape[1] - 1)
+        return grid[r[:, None], c[None, :]]
     best = row = col = None
     for dr in (0, 1):
         r = np.floor(fr).astype(np.int32) + dr
@@ -669,6 +723,7 @@ def _render_he(
     rng: np.random.Generator,
     *,
     stain_shift: float,
+    square: bool = False,
 ) -> np.ndarray:
     """Paint a hires H&E-like RGB image (uint8) of one sample from its morphology signal.
 
@@ -679,12 +734,17 @@ def _render_he(
     """
     f32 = np.float32
     c2c_px = c2c * scalef
-    cx = (origin[0] + cols * c2c / 2.0) * scalef
-    cy = (origin[1] + rows * c2c * _ROW_STEP) * scalef
+    step = (c2c, c2c) if square else (c2c / 2.0, c2c * _ROW_STEP)
+    cx = (origin[0] + cols * step[0]) * scalef
+    cy = (origin[1] + rows * step[1]) * scalef
     grid = np.full((rows.max() + 5, cols.max() + 5), -1, dtype=np.int64)
     grid[rows + 2, cols + 2] = np.arange(rows.size)
     owner = _nearest_site(
-        shape, (origin[0] * scalef, origin[1] * scalef), (c2c_px / 2.0, c2c_px * _ROW_STEP), grid
+        shape,
+        (origin[0] * scalef, origin[1] * scalef),
+        (step[0] * scalef, step[1] * scalef),
+        grid,
+        square=square,
     )
     tissue = (owner >= 0).astype(f32)
     safe_owner = np.maximum(owner, 0)

@@ -19,7 +19,7 @@ from .._errors import SpatlasInputError
 from .._logging import logger
 from .._progress import progress
 from ._h5ad import read_h5ad
-from ._spaceranger import read_spaceranger
+from ._spaceranger import parse_bin, read_spaceranger
 from ._validate import check_spot_ids, first_duplicate, reading
 
 MISSING_LABELS = {"", "nan", "na", "none", "null"}
@@ -48,6 +48,17 @@ class SampleSpec:
         to ``obs['label']`` (optional).
     counts_layer
         For ``.h5ad`` input, the layer holding raw counts when ``X`` does not (optional).
+    bin
+        For a Visium HD ``outs/`` folder: the bin side in µm (``8`` reads
+        ``binned_outputs/square_008um``; default 8) or ``cells`` for the cell segmentation
+        (optional).
+    region
+        For a SpatialData store (``.zarr``): the region (shapes element) of the sample, when the
+        store's table annotates several; several rows may read one store, one region each
+        (optional).
+    table
+        For a SpatialData store: the table holding the counts, when the store has several
+        (optional).
     """
 
     sample: str
@@ -57,6 +68,9 @@ class SampleSpec:
     annotations: str | None = None
     label_column: str | None = None
     counts_layer: str | None = None
+    bin: str | None = None
+    region: str | None = None
+    table: str | None = None
 
 
 _SPEC_FIELDS = [f.name for f in fields(SampleSpec)]
@@ -98,12 +112,13 @@ def _same_file_problems(specs: Sequence[SampleSpec], rows: Sequence[str], where:
     """Two rows naming the same Space Ranger folder / .h5ad, or the same image: name both."""
     problems = []
     for key, what in (("path", "Space Ranger folder or .h5ad"), ("image", "image")):
-        seen: dict[str, int] = {}
+        seen: dict[tuple[str, str | None], int] = {}
         for i, spec in enumerate(specs):
             value = getattr(spec, key)
             if value is None:
                 continue
-            real = os.path.realpath(value)
+            # one SpatialData store may hold several samples, one region each
+            real = (os.path.realpath(value), spec.region if key == "path" else None)
             if real in seen:
                 j = seen[real]
                 problems.append(
@@ -161,6 +176,12 @@ def specs_from_records(
             continue
         for key in _PATH_FIELDS:
             row[key] = _resolve(row[key], base)
+        if row["bin"] is not None and "bin" not in bad:
+            try:
+                row["bin"] = str(parse_bin(row["bin"], where=f"{where}: {label}"))
+            except SpatlasInputError as err:
+                problems.extend(err.problems)
+                continue
         specs.append(SampleSpec(**row))
         spec_rows.append(label)
     ids = pd.Series([s.sample for s in specs])
@@ -309,7 +330,8 @@ def read_sample_sheet(path: str | Path) -> list[SampleSpec]:
     """Read a sample sheet (CSV/TSV, or YAML: a list of rows or ``{samples: [...]}``).
 
     Columns: ``sample``, ``path`` (required); ``donor``, ``image``, ``annotations``,
-    ``label_column``, ``counts_layer`` (optional). Relative paths are taken from the sheet's folder.
+    ``label_column``, ``counts_layer``, ``bin`` (Visium HD), ``region`` and ``table`` (SpatialData
+    stores) (optional); see :class:`SampleSpec`. Relative paths are taken from the sheet's folder.
     Every value is read as the text written (``0012`` stays ``0012``, ``no`` stays ``no``, ``#``
     is part of a value). A sheet saved by Excel (UTF-8 BOM, CRLF line ends, ``;`` separators,
     trailing empty rows) reads as written.
@@ -385,9 +407,35 @@ def _read_sample(spec: SampleSpec) -> ad.AnnData:
     where = f"sample {spec.sample}"
     if not path.exists():
         raise SpatlasInputError(f"{where}: {path} does not exist")
-    if path.is_dir():
+    store_fields = [k for k in ("region", "table") if getattr(spec, k) is not None]
+    if is_spatialdata_store(path):
+        if spec.bin is not None or spec.counts_layer is not None:
+            raise SpatlasInputError(
+                f"{where}: {path} is a SpatialData store; bin and counts_layer are for Space "
+                "Ranger folders and .h5ad files (the store's table holds the counts)"
+            )
+        from ._spatialdata import read_spatialdata
+
+        adata = read_spatialdata(
+            path,
+            table=spec.table,
+            region=spec.region,
+            sample=spec.sample,
+            donor=spec.donor,
+            image=spec.image,
+        )
+    elif store_fields:
+        raise SpatlasInputError(
+            f"{where}: {' and '.join(store_fields)} given, but {path} is not a SpatialData store "
+            "(a .zarr folder with a tables/ group); drop them or point path at the store"
+        )
+    elif path.is_dir():
         adata = read_spaceranger(
-            path, sample=spec.sample, donor=spec.donor, fullres_image=spec.image
+            path, sample=spec.sample, donor=spec.donor, fullres_image=spec.image, bin=spec.bin
+        )
+    elif spec.bin is not None:
+        raise SpatlasInputError(
+            f"{where}: bin is for a Visium HD outs/ folder, but {path} is a file; drop bin"
         )
     elif path.suffix == ".h5ad":
         adata = read_h5ad(
@@ -399,7 +447,8 @@ def _read_sample(spec: SampleSpec) -> ad.AnnData:
         )
     else:
         raise SpatlasInputError(
-            f"{where}: {path} is neither a Space Ranger output folder nor an .h5ad file"
+            f"{where}: {path} is neither a Space Ranger output folder, an .h5ad file nor a "
+            "SpatialData store (.zarr)"
         )
     if spec.annotations is not None:
         ann = _read_annotations(Path(spec.annotations), where=where)
@@ -437,6 +486,14 @@ def _read_sample(spec: SampleSpec) -> ad.AnnData:
             )
         adata.obs[K.LABEL] = _labels_to_obs(adata.obs[spec.label_column])
     return adata
+
+
+def is_spatialdata_store(path: Path) -> bool:
+    """A folder that is a SpatialData zarr store (``.zarr`` with zarr metadata at its root)."""
+    if not path.is_dir():
+        return False
+    has_meta = any((path / name).exists() for name in ("zarr.json", ".zgroup", ".zattrs"))
+    return has_meta and (path.suffix == ".zarr" or (path / "tables").is_dir())
 
 
 def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.AnnData:

@@ -21,7 +21,7 @@ vectorised, antialiased bilinear filter. It is a map-style dataset (``len``, ``[
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,10 @@ class SlideImage:
         The image file (``fullres``), or ``None`` when ``array`` holds the pixels.
     array
         The in-memory (H, W, 3) uint8 image (``hires`` / ``lowres``).
+    level
+        For an OME-Zarr multiscale image (a SpatialData store's ``images/<name>`` folder): the
+        pyramid level read (its array's path in the group; ``None``: the finest). ``scale`` is
+        that level's.
     """
 
     sample: str
@@ -62,6 +66,21 @@ class SlideImage:
     scale: float
     path: str | None = None
     array: np.ndarray | None = None
+    level: str | None = None
+
+    def pyramid(self) -> list[tuple[str, float]]:
+        """Levels of an OME-Zarr multiscale image, finest first (``[]`` for other images).
+
+        Each is ``(level path, image pixels per full-resolution pixel)``.
+        """
+        if self.path is None or not Path(self.path).is_dir():
+            return []
+        levels = zarr_levels(Path(self.path))
+        if not levels:
+            return []
+        base = levels[0][1][-1]
+        current = next((w for p, (_, w) in levels if p == self.level), base)
+        return [(p, self.scale * w / current) for p, (_, w) in levels]
 
     def open(self) -> OpenImage:
         """Open the image for reading regions (decodes a JPEG/PNG once)."""
@@ -73,6 +92,8 @@ class SlideImage:
             raise SpatlasInputError(
                 f"{path}: full-resolution image of sample {self.sample} does not exist"
             )
+        if path.is_dir():
+            return _open_zarr_level(path, self.level)
         if "".join(path.suffixes[-2:]).lower() in TIFF_SUFFIXES or path.suffix.lower() in (
             TIFF_SUFFIXES
         ):
@@ -153,6 +174,65 @@ def _open_tiff(path: Path) -> OpenImage:
     return OpenImage(pixels, channels_first=channels_first, handle=tif)
 
 
+def _multiscales(attrs) -> list[dict]:
+    """The ``multiscales`` list of OME-NGFF attributes (0.4 at the top, 0.5 under ``ome``)."""
+    attrs = dict(attrs)
+    if "ome" in attrs and isinstance(attrs["ome"], dict):
+        attrs = attrs["ome"]
+    return list(attrs.get("multiscales") or [])
+
+
+def zarr_levels(path: Path) -> list[tuple[str, tuple[int, int]]]:
+    """Levels of an OME-Zarr multiscale image folder, finest first.
+
+    Each is ``(array path, (height, width))``; ``[]`` when ``path`` is not such a folder.
+    """
+    import zarr
+
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        multiscales = _multiscales(group.attrs)
+    except Exception:  # not a zarr group: the caller reports it
+        return []
+    if not multiscales:
+        return []
+    names = [d["path"] for d in multiscales[0].get("datasets", [])]
+    axes = [a["name"] if isinstance(a, dict) else a for a in multiscales[0].get("axes", [])]
+    out = []
+    for name in names:
+        shape = group[name].shape
+        y = axes.index("y") if "y" in axes else len(shape) - 2
+        x = axes.index("x") if "x" in axes else len(shape) - 1
+        out.append((name, (int(shape[y]), int(shape[x]))))
+    return sorted(out, key=lambda lv: -lv[1][1])
+
+
+def _open_zarr_level(path: Path, level: str | None) -> OpenImage:
+    """One level of an OME-Zarr multiscale image, read lazily (only the chunks a region needs)."""
+    import zarr
+
+    levels = zarr_levels(path)
+    if not levels:
+        raise SpatlasInputError(
+            f"{path}: a folder, but not an OME-Zarr multiscale image (a SpatialData store's "
+            "images/<name>); give an image file or the image folder inside the store"
+        )
+    group = zarr.open_group(str(path), mode="r")
+    name = level if level is not None else levels[0][0]
+    axes = [
+        a["name"] if isinstance(a, dict) else a
+        for a in _multiscales(group.attrs)[0].get("axes", [])
+    ]
+    pixels = group[name]
+    if (axes and axes[0] == "c") or (
+        not axes and pixels.ndim == 3 and pixels.shape[0] in (1, 3, 4)
+    ):
+        return OpenImage(pixels, channels_first=True)
+    if pixels.ndim == 2:
+        return OpenImage(pixels)
+    raise SpatlasInputError(f"{path}: image axes {axes} not understood; expected (c, y, x)")
+
+
 def _as_rgb_array(image: np.ndarray, *, where: str) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)):
@@ -212,7 +292,8 @@ def slide_images(
         for kind in order:
             if kind == "fullres":
                 if fullres:
-                    chosen = SlideImage(sample, "fullres", 1.0, path=str(fullres))
+                    scalef = float(scalefactors.get(K.FULLRES_SCALEF, 1.0))
+                    chosen = SlideImage(sample, "fullres", scalef, path=str(fullres))
             elif kind in images:
                 scalef = scalefactors.get(f"tissue_{kind}_scalef")
                 if scalef is None:
@@ -254,6 +335,24 @@ def spot_diameters(adata, samples: Sequence[str]) -> dict[str, float]:
     if problems:
         raise SpatlasInputError(problems)
     return out
+
+
+def _matching_level(image: SlideImage, window: float, out_size: int | None) -> SlideImage:
+    """The pyramid level that matches the patch size.
+
+    The coarsest level whose window of ``window`` full-resolution pixels is still at least
+    ``out_size`` pixels across (the finest level when none is, or without ``out_size``).
+    """
+    levels = image.pyramid()
+    if not levels or out_size is None:
+        return image
+    path, scale = levels[0]
+    for p, s in levels:
+        if window * s >= out_size * (1 - 1e-9):
+            path, scale = p, s
+    if path != (image.level or levels[0][0]):
+        logger.debug("%s: patches read from pyramid level %s (x %.4g)", image.sample, path, scale)
+    return replace(image, level=path, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +504,11 @@ class SpotPatches:
         missing = sorted(set(self.samples) - set(images))
         if missing:
             raise SpatlasInputError(f"no image for sample(s) {', '.join(missing)}")
-        self.images = dict(images)
+        self.images = {
+            s: _matching_level(im, float(diameters[s]) * patch_scale, out_size)
+            for s, im in images.items()
+        }
+        images = self.images
         self.patch_scale = float(patch_scale)
         self.out_size = out_size
         self.pad = pad
