@@ -131,7 +131,9 @@ def _scale_only(m: np.ndarray, tol: float = 1e-9) -> float | None:
 
 def _levels(image) -> list:
     """The image's pyramid levels as (c, y, x) arrays, finest first."""
-    if hasattr(image, "children") and not hasattr(image, "dims"):  # a multiscale DataTree
+    import xarray as xr
+
+    if isinstance(image, xr.DataTree):  # a multiscale image
         return [
             image[name]["image"] if "image" in image[name] else next(iter(image[name].values()))
             for name in image.children
