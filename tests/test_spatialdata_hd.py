@@ -12,10 +12,10 @@ import pytest
 import spatlas
 from spatlas import _keys as K
 from spatlas._config import Config
-from spatlas.pipeline import run
 from spatlas._errors import MissingDependencyError, SpatlasInputError
 from spatlas.io._spaceranger import read_cell_polygons
 from spatlas.io._tenx import write_10x_h5
+from spatlas.pipeline import run
 from spatlas.pp._neighbourhoods import detect_layout
 from spatlas.pp.morphology import SpotPatches, slide_images
 
