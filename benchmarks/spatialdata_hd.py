@@ -90,9 +90,21 @@ def build_store(work: Path) -> Path:
     return store
 
 
-def spatialdata_vs_spaceranger(work: Path) -> tuple[pd.DataFrame, dict]:
+def _step_sum(run: Path) -> dict:
+    steps = pd.read_csv(run / "timings.csv")
+    return {
+        "steps_s": round(float(steps["seconds"].sum()), 1),
+        "peak_rss_gb": round(float(steps["peak_rss_mb"].max()) / 1024, 2),
+    }
+
+
+def spatialdata_vs_spaceranger(work: Path, *, reuse: bool = False) -> tuple[pd.DataFrame, dict]:
     from importlib import resources
 
+    store = work / "dlpfc_br8100.zarr"
+    if reuse and all((work / n / "metrics.csv").exists() for n in ("run_demo", "run_sd")):
+        t_demo, t_sd = _step_sum(work / "run_demo"), _step_sum(work / "run_sd")
+        return _compare(work, store, t_demo, t_sd)
     store = build_store(work)
     demo = resources.files("spatlas") / "configs" / "demo.yaml"
     config = yaml.safe_load(demo.read_text())
@@ -113,6 +125,10 @@ def spatialdata_vs_spaceranger(work: Path) -> tuple[pd.DataFrame, dict]:
         shutil.rmtree(work / name, ignore_errors=True)
     t_demo = _timed(["spatlas", "demo", "--out", "run_demo"], work)
     t_sd = _timed(["spatlas", "run", "sd.yaml", "--out", "run_sd"], work)
+    return _compare(work, store, t_demo, t_sd)
+
+
+def _compare(work: Path, store: Path, t_demo: dict, t_sd: dict) -> tuple[pd.DataFrame, dict]:
     a = pd.read_csv(work / "run_demo" / "metrics.csv")
     b = pd.read_csv(work / "run_sd" / "metrics.csv")
     table = pd.DataFrame(
@@ -211,6 +227,9 @@ def main() -> None:
     parser.add_argument("--hd-samples", type=int, default=4)
     parser.add_argument("--hd-spots", type=int, default=25000)
     parser.add_argument("--hd-genes", type=int, default=2000)
+    parser.add_argument(
+        "--reuse", action="store_true", help="compare the DLPFC runs already in --work"
+    )
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -218,7 +237,7 @@ def main() -> None:
     import spatialdata
     import spatialdata_io
 
-    table, check = spatialdata_vs_spaceranger(work)
+    table, check = spatialdata_vs_spaceranger(work, reuse=args.reuse)
     hd = hd_run(work, args.hd_samples, args.hd_spots, args.hd_genes)
     out = HERE / "results" / "spatialdata_hd.md"
     lines = [
