@@ -211,7 +211,7 @@ def hd_run(work: Path, n_samples: int, n_spots: int, n_genes: int) -> dict:
     mean = metrics.loc[metrics["sample"] == "mean"].iloc[0]
     return {
         "samples": n_samples,
-        "bins": int(metrics.loc[metrics["sample"] != "mean", "n_spots"].sum()),
+        "bins": int(metrics.loc[~metrics["sample"].isin(["mean", "all"]), "n_spots"].sum()),
         "genes": n_genes,
         "simulate_s": round(simulate, 1),
         **t,
