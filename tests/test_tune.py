@@ -377,3 +377,15 @@ def test_model_cache_key_follows_the_model_defaults(monkeypatch):
     changed = {**train, "pseudo_labels": "global"}
     monkeypatch.setattr(GridAE, "parameters", classmethod(lambda cls: (init, changed)))
     assert model_cache_key("abc", section, 5) != key  # a new default: no stale resume
+
+
+def test_file_stamp_of_a_folder_follows_its_files(tmp_path):
+    from spatlas.tune._inputs import file_stamp
+
+    image = tmp_path / "images" / "he"
+    (image / "s0").mkdir(parents=True)
+    (image / "s0" / "c").write_bytes(b"abc")
+    first = file_stamp(image)
+    assert file_stamp(image) == first
+    (image / "s0" / "c").write_bytes(b"abcd")  # a chunk rewritten: another size
+    assert file_stamp(image) != first

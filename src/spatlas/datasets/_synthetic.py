@@ -363,14 +363,31 @@ def _square_patch(n_spots: int, rng: np.random.Generator) -> tuple[np.ndarray, n
     rows, cols = np.meshgrid(np.arange(n_rows), np.arange(n_cols), indexing="ij")
     rows, cols = rows.ravel(), cols.ravel()
     u, v = cols - (n_cols - 1) / 2.0, rows - (n_rows - 1) / 2.0
+    keep = _oval(u, v, half_w, half_h, power, n, rng)
+    rows, cols = rows[keep], cols[keep]
+    return (rows - rows.min()).astype(np.int64), (cols - cols.min()).astype(np.int64)
+
+
+def _oval(
+    u: np.ndarray,
+    v: np.ndarray,
+    half_w: float,
+    half_h: float,
+    power: float,
+    n: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Sorted indices of the ``n`` innermost sites of a wobbly superellipse.
+
+    ``u``, ``v``: the sites' centred coordinates; ``half_w``, ``half_h``: the half-axes;
+    ``power``: the exponent (2 ellipse, 4 rounded rectangle).
+    """
     angle = np.arctan2(v, u)
     wobble = 1.0 + sum(
         rng.uniform(0.0, 0.06) * np.cos(h * angle + rng.uniform(0, 2 * np.pi)) for h in (2, 3, 5)
     )
     radius = (np.abs(u / half_w) ** power + np.abs(v / half_h) ** power) ** (1 / power) / wobble
-    keep = np.sort(np.argsort(radius, kind="stable")[:n])
-    rows, cols = rows[keep], cols[keep]
-    return (rows - rows.min()).astype(np.int64), (cols - cols.min()).astype(np.int64)
+    return np.sort(np.argsort(radius, kind="stable")[:n])
 
 
 def _hex_patch(n_spots: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -387,12 +404,7 @@ def _hex_patch(n_spots: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     rows, cols = rows[even], cols[even]
     u = cols / 2.0 - (n_cols - 1) / 4.0
     v = (rows - (n_rows - 1) / 2.0) * _ROW_STEP
-    angle = np.arctan2(v, u)
-    wobble = 1.0 + sum(
-        rng.uniform(0.0, 0.06) * np.cos(h * angle + rng.uniform(0, 2 * np.pi)) for h in (2, 3, 5)
-    )
-    radius = (np.abs(u / half_w) ** power + np.abs(v / half_h) ** power) ** (1 / power) / wobble
-    keep = np.sort(np.argsort(radius, kind="stable")[:n])
+    keep = _oval(u, v, half_w, half_h, power, n, rng)
     rows, cols = rows[keep], cols[keep]
     # shift to start near 0, keeping (row + col) even
     r0, c0 = rows.min(), cols.min()

@@ -342,12 +342,8 @@ def _read_region(
     to_cs = _affine(shapes, cs)
     frame = np.eye(3)
     if largest is not None:
-        scales = {
-            n: _scale_only(np.linalg.inv(_affine(img, c)))
-            for n, (img, c) in candidates.items()
-            if c == cs
-        }
-        if scales.get(largest) is None:  # not a pure scale: the largest image's pixels
+        if _scale_only(np.linalg.inv(_affine(candidates[largest][0], cs))) is None:
+            # not a pure scale of the coordinate system: the largest image's pixels
             frame = np.linalg.inv(_affine(candidates[largest][0], cs))
             logger.info(
                 "%s: the images are not a scale of '%s': positions in the pixels of image '%s'",

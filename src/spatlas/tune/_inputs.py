@@ -55,8 +55,18 @@ def _matrix_digest(x: Any) -> str:
 
 
 def file_stamp(path: str | Path) -> str:
-    """Size + the first, middle and last MiB of a file (a whole small file)."""
+    """Size + the first, middle and last MiB of a file (a whole small file).
+
+    A folder (an OME-Zarr image in a SpatialData store) is stamped by the relative path, size
+    and modification time of every file in it.
+    """
     path = Path(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.hexdigest()[:24]
     size = path.stat().st_size
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as fh:
@@ -111,7 +121,7 @@ def _morphology_digests(adata, morphology: Mapping[str, Any]) -> dict[str, str]:
             parts += [str(name), _matrix_digest(np.asarray(image))]
         parts.append(repr(sorted((info.get(K.SCALEFACTORS) or {}).items())))
         fullres = (info.get(K.METADATA) or {}).get(K.FULLRES_PATH) or ""
-        if fullres and Path(fullres).is_file():
+        if fullres and Path(fullres).exists():
             parts.append(file_stamp(fullres))
     out = {"images": _digest(*parts)}
     for setting in ("features", "weights", "stain_reference", "image"):
