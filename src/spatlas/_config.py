@@ -71,7 +71,9 @@ class PreprocessingConfig:
     genes kept; ``hvg_flavor``: scanpy's HVG flavour (``seurat_v3`` reads the counts);
     ``batch_key``: obs column the HVGs are selected within (empty: pooled); ``target_sum``:
     counts per spot after normalisation, before the log; ``scale_max_value``: clip of the
-    z-scored genes before the PCA (empty: no clip); ``n_comps``: PCs -> ``obsm['X_pca']``.
+    z-scored genes before the PCA (empty: no clip); ``n_comps``: PCs -> ``obsm['X_pca']``;
+    ``pca_max_spots``: above this many spots the PCA is fitted on a deterministic subsample of
+    this many and every spot projected on it (empty: fit on all).
     """
 
     min_spots: int = 10
@@ -81,6 +83,7 @@ class PreprocessingConfig:
     target_sum: float = 1e4
     scale_max_value: float | None = None
     n_comps: int = 20
+    pca_max_spots: int | None = 200_000
 
 
 @dataclass

@@ -105,7 +105,7 @@ def _read_cohort(config: Config) -> ad.AnnData:
                         f"(columns: {', '.join(part.obs.columns)})"
                     )
                 part.obs[K.LABEL] = part.obs[data.label_column].astype(str)
-        return io.concat_samples(parts, join=data.join)
+        return io.concat_samples(parts, join=data.join, consume=True)
     if data.samples is not None:
         from .io._sheet import specs_from_records
 
@@ -450,6 +450,7 @@ def preprocess(config: Config, adata: ad.AnnData) -> None:
         target_sum=prep.target_sum,
         scale_max_value=prep.scale_max_value,
         n_comps=prep.n_comps,
+        pca_max_spots=prep.pca_max_spots,
         seed=config.seed,
     )
     aug = config.augmentation
@@ -604,6 +605,7 @@ def _check_settings(config: Config) -> None:
     _at_least("preprocessing.min_spots", prep.min_spots, 1)
     _at_least("preprocessing.n_top_genes", prep.n_top_genes, 2)
     _at_least("preprocessing.n_comps", prep.n_comps, 2)
+    _at_least("preprocessing.pca_max_spots", prep.pca_max_spots, 1000, allow_none=True)
     _one_of("preprocessing.hvg_flavor", prep.hvg_flavor, HVG_FLAVORS)
     if not prep.target_sum > 0:
         raise ConfigError(f"preprocessing.target_sum must be > 0; got {prep.target_sum!r}")

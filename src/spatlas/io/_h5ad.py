@@ -35,7 +35,7 @@ SPLIT_HINT = (
 )
 
 
-def _load(path: Path) -> ad.AnnData:
+def _load(path: Path, *, backed: bool = False) -> ad.AnnData:
     if not path.exists():
         raise SpatlasInputError(f"{path}: file does not exist")
     try:
@@ -43,7 +43,7 @@ def _load(path: Path) -> ad.AnnData:
             warnings.filterwarnings(
                 "ignore", message=".* names are not unique", category=UserWarning
             )
-            return ad.read_h5ad(path)
+            return ad.read_h5ad(path, backed="r" if backed else None)
     except Exception as err:  # h5py / anndata raise many types for a bad file
         raise SpatlasInputError(
             f"{path}: not a readable .h5ad file ({' '.join(str(err).split())}); copy it again, or "
@@ -121,7 +121,7 @@ def standardise_h5ad_sample(
     if problems:
         raise SpatlasInputError(problems)
     out = ad.AnnData(
-        X=X.astype(np.float32),
+        X=X.astype(np.float32, copy=False),
         obs=adata.obs.copy(),
         var=adata.var.copy(),
     )
@@ -198,18 +198,24 @@ def read_h5ad(
         inside a reader also becomes one line naming the file.
     """
     path = Path(path)
-    adata = _load(path)
-    with reading(path, ".h5ad input", _H5AD_FIX):
-        return _split(
-            adata,
-            path,
-            sample=sample,
-            donor=donor,
-            sample_key=sample_key,
-            donor_key=donor_key,
-            counts_layer=counts_layer,
-            fullres_image=fullres_image,
-        )
+    # several samples: the file stays on disk and each sample's rows are read in turn, so the
+    # whole matrix is never held twice
+    adata = _load(path, backed=sample_key is not None)
+    try:
+        with reading(path, ".h5ad input", _H5AD_FIX):
+            return _split(
+                adata,
+                path,
+                sample=sample,
+                donor=donor,
+                sample_key=sample_key,
+                donor_key=donor_key,
+                counts_layer=counts_layer,
+                fullres_image=fullres_image,
+            )
+    finally:
+        if adata.isbacked:
+            adata.file.close()
 
 
 def _split(
@@ -245,10 +251,12 @@ def _split(
             f"{path}: {int(unnamed.sum())} spots have no value in obs['{sample_key}'] (e.g. "
             f"{adata.obs_names[np.flatnonzero(unnamed)[0]]}); give every spot its sample"
         )
-    samples = pd.unique(adata.obs[sample_key].astype(str))
+    names = adata.obs[sample_key].astype(str).to_numpy()
+    samples = pd.unique(names)
     parts = []
     for s in samples:
-        sub = adata[adata.obs[sample_key].astype(str).to_numpy() == s].copy()
+        rows = names == s
+        sub = adata[rows].to_memory() if adata.isbacked else adata[rows].copy()
         d = str(sub.obs[donor_key].iloc[0]) if donor_key else donor
         if donor_key and sub.obs[donor_key].astype(str).nunique() > 1:
             raise SpatlasInputError(f"{path}: sample '{s}' has spots from several donors")

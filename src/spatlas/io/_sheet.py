@@ -13,6 +13,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .. import _keys as K
 from .._errors import SpatlasInputError
@@ -496,12 +497,17 @@ def is_spatialdata_store(path: Path) -> bool:
     return has_meta and (path.suffix == ".zarr" or (path / "tables").is_dir())
 
 
-def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.AnnData:
+def concat_samples(
+    adatas: Sequence[ad.AnnData], *, join: str = "inner", consume: bool = False
+) -> ad.AnnData:
     """Concatenate per-sample AnnData into one cohort (``anndata.concat(..., label='sample')``).
 
     ``obs_names`` become ``{barcode}-{sample}``; ``obs['sample']`` and ``obs['donor']`` are
     categorical in the given order; ``uns['spatial']`` holds every sample's entry; ``obsm``
-    entries that every sample has with the same width are kept.
+    entries that every sample has with the same width are kept. With ``consume`` (the readers
+    pass their own freshly read samples), each sample's ``X`` is released as soon as it is
+    copied into the cohort, so the counts are never held twice; the samples passed are then
+    left without ``X``.
 
     Raises
     ------
@@ -548,6 +554,10 @@ def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.A
             for k in set(a.obsm) - shared_obsm:
                 del a.obsm[k]
         aligned.append(a)
+    # None unless every sample has the same genes in one order (and the caller lets go of them)
+    X = _stack_counts(aligned) if consume else None
+    if X is not None:
+        aligned = [ad.AnnData(obs=a.obs, var=a.var, obsm=dict(a.obsm), uns=a.uns) for a in aligned]
     cohort = ad.concat(
         aligned,
         join=join,
@@ -557,6 +567,8 @@ def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.A
         merge="same",
         fill_value=0,
     )
+    if X is not None:
+        cohort.X = X
     cohort.obs[K.SAMPLE] = pd.Categorical(cohort.obs[K.SAMPLE].astype(str), categories=samples)
     cohort.obs[K.DONOR] = pd.Categorical(cohort.obs[K.DONOR].astype(str), categories=donors)
     if K.LABEL in cohort.obs:
@@ -566,6 +578,39 @@ def concat_samples(adatas: Sequence[ad.AnnData], *, join: str = "inner") -> ad.A
     if problems:
         raise SpatlasInputError(problems)
     return cohort
+
+
+def _stack_counts(adatas: list[ad.AnnData]) -> sp.csr_matrix | None:
+    """The samples' CSR ``X`` stacked row-wise, each sample's matrix released once copied.
+
+    ``anndata.concat`` holds every sample's matrix and the result at once (twice the counts);
+    here the result is allocated once and each sample's ``X`` is dropped after its copy, so the
+    peak is the counts plus one sample. ``None`` when the samples' genes differ (the join then
+    needs ``anndata.concat``) or a matrix is not CSR.
+    """
+    first = adatas[0].var_names
+    if not all(
+        a.X is not None and sp.issparse(a.X) and a.X.format == "csr" and a.var_names.equals(first)
+        for a in adatas
+    ):
+        return None
+    dtype = np.result_type(*(a.X.dtype for a in adatas))
+    nnz = sum(int(a.X.nnz) for a in adatas)
+    n = sum(a.n_obs for a in adatas)
+    index = np.int32 if max(nnz, len(first)) < np.iinfo(np.int32).max else np.int64
+    data = np.empty(nnz, dtype=dtype)
+    indices = np.empty(nnz, dtype=index)
+    indptr = np.empty(n + 1, dtype=index)
+    indptr[0] = 0
+    row = pos = 0
+    for a in adatas:
+        X = a.X
+        data[pos : pos + X.nnz] = X.data
+        indices[pos : pos + X.nnz] = X.indices
+        indptr[row + 1 : row + 1 + X.shape[0]] = X.indptr[1:] + pos
+        row, pos = row + X.shape[0], pos + X.nnz
+        a.X = None  # released: the stacked copy replaces it
+    return sp.csr_matrix((data, indices, indptr), shape=(n, len(first)))
 
 
 def _read_all(specs: Sequence[SampleSpec]) -> tuple[list[ad.AnnData], list[str]]:
@@ -612,7 +657,7 @@ def read_cohort(sheet: str | Path | Sequence[SampleSpec], *, join: str = "inner"
     adatas, problems = _read_all(specs)
     if problems:
         raise SpatlasInputError(problems)
-    return concat_samples(adatas, join=join)
+    return concat_samples(adatas, join=join, consume=True)
 
 
 def summarize_cohort(adata: ad.AnnData) -> pd.DataFrame:

@@ -259,7 +259,7 @@ def read_spatialdata(
         return parts[0]
     from ._sheet import concat_samples
 
-    return concat_samples(parts)
+    return concat_samples(parts, consume=True)
 
 
 def _counts(tab: ad.AnnData, counts_layer: str | None, where: str):

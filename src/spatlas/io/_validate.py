@@ -179,36 +179,51 @@ def _values(X) -> np.ndarray:
     return np.asarray(X).ravel()
 
 
-def check_counts(X, *, where: str) -> list[str]:
-    """Raw UMI counts must be finite, non-negative integers."""
+def check_counts(X, *, where: str, chunk: int = 1 << 24) -> list[str]:
+    """Raw UMI counts must be finite, non-negative integers.
+
+    The stored values are checked ``chunk`` at a time, so the temporaries stay small whatever
+    the size of ``X``.
+    """
     values = _values(X)
     if values.size == 0:
         return []
-    problems = []
     if not np.issubdtype(values.dtype, np.number):
         return [f"{where}: counts have non-numeric dtype {values.dtype}"]
-    if np.issubdtype(values.dtype, np.floating):
-        n_nan = int(np.count_nonzero(~np.isfinite(values)))
-        if n_nan:
-            problems.append(
-                f"{where}: {n_nan} count values are NaN or infinite; raw UMI counts are finite"
-            )
-            values = values[np.isfinite(values)]
-    n_neg = int(np.count_nonzero(values < 0))
+    floating = np.issubdtype(values.dtype, np.floating)
+    n_nan = n_neg = 0
+    minimum, fraction = np.inf, None
+    for start in range(0, values.size, chunk):
+        part = values[start : start + chunk]
+        if floating:
+            finite = np.isfinite(part)
+            if not finite.all():
+                n_nan += int(np.count_nonzero(~finite))
+                part = part[finite]
+        negative = part < 0
+        if negative.any():
+            n_neg += int(np.count_nonzero(negative))
+            minimum = min(minimum, float(part.min()))
+        if floating and fraction is None:
+            frac = part != np.round(part)
+            if frac.any():
+                fraction = part[frac][0]
+    problems = []
+    if n_nan:
+        problems.append(
+            f"{where}: {n_nan} count values are NaN or infinite; raw UMI counts are finite"
+        )
     if n_neg:
         problems.append(
-            f"{where}: {n_neg} count values are negative (min {values.min():g}); spatlas needs raw "
+            f"{where}: {n_neg} count values are negative (min {minimum:g}); spatlas needs raw "
             "UMI counts, not scaled or centred data"
         )
-    if np.issubdtype(values.dtype, np.floating):
-        frac = values != np.round(values)
-        if frac.any():
-            example = values[frac][0]
-            problems.append(
-                f"{where}: counts are not integers (e.g. {example:g}); spatlas needs raw UMI "
-                "counts "
-                "(for .h5ad input, keep them in X or name the layer with counts_layer)"
-            )
+    if fraction is not None:
+        problems.append(
+            f"{where}: counts are not integers (e.g. {fraction:g}); spatlas needs raw UMI "
+            "counts "
+            "(for .h5ad input, keep them in X or name the layer with counts_layer)"
+        )
     return problems
 
 

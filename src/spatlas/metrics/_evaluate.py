@@ -13,8 +13,8 @@ from .. import _keys as K
 from .._errors import SpatlasInputError
 from .._logging import logger
 from ._batch import asw_batch, ilisi, kbet
-from ._bio import ari, ari_donor, asw_label, nmi
-from ._neighbors import as_embedding, codes, neighbors
+from ._bio import ASW_MAX_SPOTS, ari, ari_donor, asw_label, nmi
+from ._neighbors import as_embedding, codes, neighbors, subsample
 
 if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
@@ -32,6 +32,8 @@ COLUMNS = (
     *BATCH_METRICS,
     "composite",
     "ari_donor",
+    "batch_metric_spots",
+    "asw_spots",
 )
 MEAN_ROW = "mean"
 ALL_ROW = "all"
@@ -40,6 +42,11 @@ ALL_ROW = "all"
 # counted for kBET); one kNN search serves both.
 _K_LISI = 90
 _K_KBET = 50
+#: Above this many spots, the batch metrics (batch ASW, iLISI, kBET) are computed on a
+#: deterministic random subsample of this many spots (neighbours searched within it), so their
+#: cost stops growing with the cohort. Below it (every benchmark cohort of a few tens of
+#: thousands of spots) they are exact.
+BATCH_MAX_SPOTS = 50_000
 
 
 def _values(scores: Mapping[str, float] | Iterable[float]) -> np.ndarray:
@@ -87,19 +94,35 @@ def _nanmean(values: list[float]) -> float:
 def _bio_metrics(clusters, labels, X: np.ndarray | None, seed: int) -> dict[str, float]:
     """ARI, NMI and label ASW on the labelled spots (NaN when there are none)."""
     if labels is None or pd.isna(labels).all():
-        return dict.fromkeys(BIO_METRICS, float("nan"))
+        return {**dict.fromkeys(BIO_METRICS, float("nan")), "asw_spots": float("nan")}
+    n_labelled = int((~pd.isna(labels)).sum())
     return {
         "ari": ari(labels, clusters),
         "nmi": nmi(labels, clusters),
         "asw_label": asw_label(X, labels, seed=seed) if X is not None else float("nan"),
+        "asw_spots": min(n_labelled, ASW_MAX_SPOTS) if X is not None else float("nan"),
     }
 
 
 def _batch_metrics(X: np.ndarray | None, batch, labels, seed: int) -> dict[str, float]:
     """Batch ASW, iLISI and kBET; NaN without an embedding or with fewer than 2 batches."""
-    nan = {"asw_batch": float("nan"), "ilisi": float("nan"), "kbet": float("nan")}
+    nan = {
+        "asw_batch": float("nan"),
+        "ilisi": float("nan"),
+        "kbet": float("nan"),
+        "batch_metric_spots": float("nan"),
+    }
     if X is None or codes(batch, "batch")[1] < 2:
         return nan
+    if X.shape[0] > BATCH_MAX_SPOTS:
+        rows = subsample(X.shape[0], BATCH_MAX_SPOTS, seed)
+        logger.info(
+            "evaluate: batch metrics on a deterministic subsample of %d of %d spots",
+            rows.size,
+            X.shape[0],
+        )
+        X, batch = X[rows], np.asarray(batch, dtype=object)[rows]
+        labels = None if labels is None else np.asarray(labels, dtype=object)[rows]
     has_labels = labels is not None and not pd.isna(labels).all()
     knn = neighbors(X, max(_K_LISI, _K_KBET - 1), seed=seed)
     return {
@@ -110,11 +133,13 @@ def _batch_metrics(X: np.ndarray | None, batch, labels, seed: int) -> dict[str, 
             if has_labels
             else kbet(knn, batch, k=_K_KBET)
         ),
+        "batch_metric_spots": int(X.shape[0]),
     }
 
 
 def _row(sample, n_spots: int, n_labelled: int, bio, batch, donor_score, lam) -> dict:
     row = {"sample": sample, "n_spots": n_spots, "n_labelled": n_labelled, **bio, **batch}
+    row.setdefault("asw_spots", float("nan"))
     row["composite"] = composite(
         {m: row[m] for m in BIO_METRICS}, {m: row[m] for m in BATCH_METRICS}, lam
     )
@@ -151,7 +176,10 @@ def evaluate(
     α = 0.05) need ``embedding_key`` and at least two batches. kBET is computed per label and
     averaged when labels are present (as scib does) and on all spots otherwise; batch ASW is
     per label when labels are present and over all spots as one group otherwise. Silhouettes on
-    more than 20,000 spots use a deterministic subsample (see :func:`asw_label`).
+    more than 20,000 spots use a deterministic subsample (see :func:`asw_label`); on more than
+    ``BATCH_MAX_SPOTS`` (50,000) spots, the batch metrics are computed on a deterministic random
+    subsample of that many spots (neighbours searched within it). The table records the spots
+    used: ``batch_metric_spots`` (batch ASW, iLISI, kBET) and ``asw_spots`` (label ASW).
 
     Parameters
     ----------
@@ -182,7 +210,7 @@ def evaluate(
     pandas.DataFrame
         One row per sample (in category / first-appearance order), then a ``mean`` row and an
         ``all`` row, with columns ``sample, n_spots, n_labelled, ari, nmi, asw_label,
-        asw_batch, ilisi, kbet, composite, ari_donor``.
+        asw_batch, ilisi, kbet, composite, ari_donor, batch_metric_spots, asw_spots``.
 
         - per-sample rows: bio metrics on the sample's labelled spots (NaN if it has none);
           batch metrics, composite and ARI donor only if the sample itself holds ≥ 2 batches /
@@ -252,12 +280,13 @@ def evaluate(
 
     labelled = [r for r in rows_out if r["n_labelled"] > 0]
     mean_bio = {m: _nanmean([r[m] for r in labelled]) for m in BIO_METRICS}
+    mean_bio["asw_spots"] = sum(r["asw_spots"] for r in labelled if pd.notna(r["asw_spots"]))
     mean_row = _row(
         MEAN_ROW,
         sum(r["n_spots"] for r in labelled),
         sum(r["n_labelled"] for r in labelled),
         mean_bio,
-        {m: pooled[m] for m in ("asw_batch", *BATCH_METRICS)},
+        {m: pooled[m] for m in ("asw_batch", *BATCH_METRICS, "batch_metric_spots")},
         pooled["ari_donor"],
         lam,
     )

@@ -466,6 +466,8 @@ class GridAE(BaseModel):
         relabel_step = None if relabel_after is None else int(relabel_after * settings.steps)
         penalty = self.init_params["batch_penalty"]
         dev = torch.device(resolve_device(device))
+        self.train_params["device_used"] = str(dev)  # 'auto' resolved: cuda when present
+        logger.info("grid_ae: training on %s", dev)
 
         with seeded_torch(seed, dev, n_threads):
             module = self._build_module().to(dev)

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.collections import EllipseCollection
 from matplotlib.figure import Figure
@@ -25,6 +26,11 @@ from ._utils import (
 
 _SPOT_FILL = 0.8  # dot diameter as a fraction of the spot spacing: the tissue shows in between
 _MARGIN = 0.04  # of the spots' extent, around each map
+#: Above this many spots in a figure, each map's spots are drawn as one raster image (at most
+#: ``RASTER_CELLS`` cells across) instead of one dot each: the figure then costs the same at any
+#: size (and its PNG stays small: 0.16 MB instead of 6.7 MB for 20 samples of 5,000 spots).
+MAX_DOTS = 20_000
+RASTER_CELLS = 600
 
 
 def spatial_domains(
@@ -71,7 +77,9 @@ def spatial_domains(
     Returns
     -------
     The figure: one map (domains) or two (domains, ground truth) per sample. Every domain has
-    the same colour in every sample; the legends sit on the right.
+    the same colour in every sample; the legends sit on the right. Above ``MAX_DOTS`` (20,000)
+    spots in all, each map is one raster image (cells of at least one spot spacing) instead of
+    one dot per spot, so the figure's cost does not grow with the cohort.
     """
     obs = adata.obs
     for column in (key, sample_key):
@@ -112,6 +120,8 @@ def spatial_domains(
     fig = new_figure(panel_size * panels * ncols + 1.8, panel_size * nrows + 0.2)
     axes = fig.subplots(nrows, panels * ncols, squeeze=False)
     xy = np.asarray(adata.obsm[K.SPATIAL], dtype=np.float64)[:, :2]
+    drawn = np.isin(sample_codes, [sample_names.index(s) for s in samples])
+    raster = int(drawn.sum()) > MAX_DOTS
     for i, sample in enumerate(samples):
         mask = sample_codes == sample_names.index(sample)
         picture, scalef = _sample_image(adata, sample) if image else (None, 1.0)
@@ -123,6 +133,7 @@ def spatial_domains(
             colours_of(domain_codes[mask], domain_palette),
             picture,
             title=f"{sample}: {key}",
+            raster=raster,
         )
         if has_labels:
             _draw_map(
@@ -131,6 +142,7 @@ def spatial_domains(
                 colours_of(label_codes[mask], label_colours),
                 picture,
                 title=f"{sample}: {label_key}",
+                raster=raster,
             )
     for ax in axes.ravel()[len(samples) * panels :]:
         ax.set_visible(False)
@@ -186,8 +198,12 @@ def _draw_map(
     picture: np.ndarray | None,
     *,
     title: str,
+    raster: bool = False,
 ) -> None:
-    """Dots sized in data units (so they stay on their spots at any zoom) over the image."""
+    """Dots sized in data units (so they stay on their spots at any zoom) over the image.
+
+    With ``raster``, one image of cells at least a spot spacing wide instead (:func:`_draw_raster`).
+    """
     spacing = _spot_spacing(points)
     lo, hi = points.min(axis=0), points.max(axis=0)
     margin = max(float((hi - lo).max()) * _MARGIN, spacing)
@@ -199,25 +215,51 @@ def _draw_map(
         # image pixel centres sit at integer coordinates; keep the view on the image
         x0, y0 = max(x0, -0.5), max(y0, -0.5)
         x1, y1 = min(x1, width - 0.5), min(y1, height - 0.5)
-    diameter = np.full(len(points), _SPOT_FILL * spacing)
-    ax.add_collection(
-        EllipseCollection(
-            diameter,
-            diameter,
-            np.zeros(len(points)),
-            units="xy",
-            offsets=points,
-            offset_transform=ax.transData,
-            facecolors=list(colours),
-            edgecolors="none",
+    if raster:
+        _draw_raster(ax, points, colours, spacing)
+    else:
+        diameter = np.full(len(points), _SPOT_FILL * spacing)
+        ax.add_collection(
+            EllipseCollection(
+                diameter,
+                diameter,
+                np.zeros(len(points)),
+                units="xy",
+                offsets=points,
+                offset_transform=ax.transData,
+                facecolors=list(colours),
+                edgecolors="none",
+            )
         )
-    )
     ax.set_xlim(x0, x1)
     ax.set_ylim(y1, y0)  # image orientation: y grows downwards
     ax.set_aspect("equal")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
+
+
+def _draw_raster(ax: Axes, points: np.ndarray, colours: np.ndarray, spacing: float) -> None:
+    """The spots as one RGBA image: a cell takes the colour of a spot in it (the last one).
+
+    Cells are at least one spot spacing wide, so a dense lattice leaves no holes; the image is
+    drawn in data coordinates over the H&E.
+    """
+    from matplotlib.colors import to_rgba_array
+
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    cell = max(spacing, float((hi - lo).max()) / RASTER_CELLS)
+    shape = (np.floor((hi - lo) / cell).astype(int) + 1)[::-1]  # rows (y), columns (x)
+    raster = np.zeros((*shape, 4), dtype=np.float32)
+    ij = np.floor((points - lo) / cell).astype(int)
+    codes, uniques = pd.factorize(np.asarray(colours, dtype=object))
+    rgba = to_rgba_array(list(uniques))
+    raster[ij[:, 1], ij[:, 0]] = rgba[codes]
+    ax.imshow(
+        raster,
+        extent=(lo[0], lo[0] + shape[1] * cell, lo[1] + shape[0] * cell, lo[1]),
+        interpolation="nearest",
+    )
 
 
 def _handles(names: Sequence[str], colours: Sequence[str]) -> list[Line2D]:

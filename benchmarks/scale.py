@@ -1,0 +1,292 @@
+"""Atlas scale: ``spatlas run`` on 10 k, 100 k, 1 M (and 5 M with ``--large``) spots (issue 14).
+
+Each row is one synthetic cohort of 20 samples (5 donors x 4), written to ``.h5ad`` and run
+through the CLI in a fresh process under ``/usr/bin/time -v`` (wall, CPU seconds and peak RSS of
+the whole run, load, preprocessing, integration, the model, clustering, evaluation, the report
+and writing included). Per step, seconds and the peak RSS so far come from the run's
+``timings.csv``; the planted-domain ARI (mean per sample) and NMI from its ``metrics.csv``.
+
+Cohorts: :func:`spatlas.datasets.synthetic_cohort` (planted domains, donor / sample effects,
+no images) on ``--informative`` genes, joined by background genes up to ``--genes`` in all: each
+spot draws a Poisson number of background counts (mean ``--background`` times its relative
+depth) spread over the background genes by fixed log-normal shares, as the many lowly
+expressed genes of a real panel. Layouts: ``hex`` (Visium spots) and ``square`` (Visium HD
+bins).
+
+Pipeline: Harmony + ``grid_ae`` + K-Means (K = 5) + refinement, the issue's setting
+(``augmentation.enabled: false``). Run one benchmark at a time on an idle machine::
+
+    python benchmarks/scale.py                      # 10k, 100k, 1M; hex + square; 18k genes
+    python benchmarks/scale.py --sizes 100000 1000000 --layouts hex
+    python benchmarks/scale.py --large              # adds 5M
+    python benchmarks/scale.py --reuse              # keep generated cohorts / finished runs
+
+Results: ``benchmarks/results/scale.md`` / ``scale.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CACHE, RESULTS
+
+WORK = CACHE / "scale"
+N_SAMPLES = 20  # 5 donors x 4 samples
+
+
+def background_counts(
+    depth: np.ndarray, n_genes: int, mean_counts: float, rng: np.random.Generator
+):
+    """CSR counts (spots x ``n_genes``) of lowly expressed background genes.
+
+    Spot ``i`` draws ``Poisson(mean_counts * depth_i)`` counts, each landing on gene ``g`` with a
+    fixed log-normal share ``p_g``: sparse by construction (never a dense spots x genes array).
+    """
+    import scipy.sparse as sp
+
+    share = np.exp(np.random.default_rng(12345).normal(0.0, 1.5, n_genes))
+    cum = np.cumsum(share / share.sum())
+    cum[-1] = 1.0
+    totals = rng.poisson(mean_counts * depth)
+    rows = np.repeat(np.arange(depth.size, dtype=np.int32), totals)
+    cols = np.searchsorted(cum, rng.random(rows.size)).astype(np.int32)
+    X = sp.csr_matrix(
+        (np.ones(rows.size, dtype=np.float32), (rows, cols)), shape=(depth.size, n_genes)
+    )
+    X.sum_duplicates()
+    return X
+
+
+def make_cohort(
+    path: Path,
+    *,
+    n_spots: int,
+    lattice: str,
+    n_genes: int,
+    informative: int,
+    background: float,
+    seed: int = 0,
+) -> dict:
+    """Write the cohort to ``path`` (atomically); returns its size figures."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    import spatlas
+
+    start = time.perf_counter()
+    adata = spatlas.datasets.synthetic_cohort(
+        n_donors=5,
+        n_samples_per_donor=N_SAMPLES // 5,
+        n_spots=max(n_spots // N_SAMPLES, 50),
+        n_genes=informative,
+        lattice=lattice,
+        image=False,
+        library_size=500.0,
+        seed=seed,
+    )
+    adata.obsm = {"spatial": adata.obsm["spatial"]}  # no morphology truth: no images
+    n_bg = n_genes - informative
+    if n_bg > 0:
+        X = adata.X.tocsr()
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        depth = totals / totals.mean()
+        rng = np.random.default_rng([seed, 14])
+        parts, step = [], 100_000
+        for start_row in range(0, adata.n_obs, step):
+            rows = slice(start_row, min(start_row + step, adata.n_obs))
+            bg = background_counts(depth[rows], n_bg, background, rng)
+            parts.append(sp.hstack([X[rows], bg], format="csr", dtype=np.float32))
+        X = sp.vstack(parts, format="csr")
+        del parts
+        var = pd.DataFrame(
+            {"domain_marker": [*adata.var["domain_marker"], *[""] * n_bg]},
+            index=[*adata.var_names, *[f"bg_{g:05d}" for g in range(n_bg)]],
+        )
+        adata = ad.AnnData(X=X, obs=adata.obs, var=var, obsm=dict(adata.obsm), uns=adata.uns)
+    tmp = path.with_suffix(".tmp.h5ad")
+    adata.write_h5ad(tmp)
+    tmp.replace(path)
+    info = {
+        "spots": int(adata.n_obs),
+        "genes": int(adata.n_vars),
+        "nnz": int(adata.X.nnz),
+        "counts_per_spot": float(adata.X.sum() / adata.n_obs),
+        "generate_s": round(time.perf_counter() - start, 1),
+        "file_gb": round(path.stat().st_size / 2**30, 2),
+    }
+    path.with_suffix(".json").write_text(json.dumps(info))
+    return info
+
+
+CONFIG = """\
+seed: 0
+data:
+  h5ad: {h5ad}
+  sample_key: sample
+  donor_key: donor
+  label_column: label
+augmentation: {{enabled: false}}
+integration: {{method: harmony}}
+model: {{name: grid_ae}}
+clustering: {{method: kmeans, n_clusters: 5}}
+"""
+
+
+def _time_v(stderr: str) -> dict:
+    """Wall, CPU seconds and peak RSS from ``/usr/bin/time -v``'s report."""
+
+    def field(label: str) -> str:
+        match = re.search(rf"{re.escape(label)}: (.+)", stderr)
+        return match.group(1).strip() if match else "nan"
+
+    wall = field("Elapsed (wall clock) time (h:mm:ss or m:ss)")
+    parts = [float(p) for p in wall.split(":")] if wall != "nan" else [float("nan")]
+    seconds = sum(p * 60**i for i, p in enumerate(reversed(parts)))
+    return {
+        "wall_s": round(seconds, 1),
+        "cpu_s": round(
+            float(field("User time (seconds)")) + float(field("System time (seconds)")), 1
+        ),
+        "peak_gb": round(float(field("Maximum resident set size (kbytes)")) / 2**20, 2),
+    }
+
+
+def run_one(h5ad: Path, out: Path, name: str) -> dict:
+    """``spatlas run`` on one cohort in a fresh process; the row of the results table."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "config.yaml"
+    config.write_text(CONFIG.format(name=name, h5ad=h5ad))
+    load = os.getloadavg()[0]
+    cmd = ["/usr/bin/time", "-v", "spatlas", "run", str(config), "--out", str(out / "run")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (out / "stderr.log").write_text(proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: spatlas run failed:\n{proc.stderr[-3000:]}")
+    row = {"load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+    row.update(_time_v(proc.stderr))
+    run_dir = out / "run"
+    steps = pd.read_csv(run_dir / "timings.csv")
+    for step in steps.itertuples():
+        row[f"{step.step}_s"] = round(step.seconds, 1)
+        row[f"{step.step}_peak_gb"] = round(step.peak_rss_mb / 1024, 2)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    mean = metrics.loc[metrics["sample"] == "mean"].iloc[0]
+    row["ari_mean"] = round(float(mean["ari"]), 4)
+    row["nmi_mean"] = round(float(mean["nmi"]), 4)
+    for col in ("batch_metric_spots", "asw_spots"):
+        if col in metrics:
+            row[col] = int(metrics.loc[metrics["sample"] == "all", col].iloc[0])
+    report = run_dir / "report.html"
+    row["report_mb"] = round(report.stat().st_size / 2**20, 2) if report.exists() else float("nan")
+    model = json.loads((run_dir / "model" / "model.json").read_text())
+    row["device"] = model["train_params"].get("device_used", "?")
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--large", action="store_true", help="add 5,000,000 spots")
+    parser.add_argument("--layouts", nargs="+", default=["hex", "square"])
+    parser.add_argument("--genes", type=int, default=18_000)
+    parser.add_argument("--informative", type=int, default=500)
+    parser.add_argument("--background", type=float, default=150.0)
+    parser.add_argument("--reuse", action="store_true", help="reuse cohorts and finished runs")
+    parser.add_argument("--tag", default="", help="suffix of the results files")
+    args = parser.parse_args(argv)
+    sizes = sorted(set(args.sizes + ([5_000_000] if args.large else [])))
+    WORK.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for layout in args.layouts:
+        for n in sizes:
+            name = f"{layout}_{n}_{args.genes}g"
+            h5ad = WORK / f"{name}.h5ad"
+            if not (args.reuse and h5ad.exists()):
+                info = make_cohort(
+                    h5ad,
+                    n_spots=n,
+                    lattice=layout,
+                    n_genes=args.genes,
+                    informative=args.informative,
+                    background=args.background,
+                )
+            else:
+                info = json.loads(h5ad.with_suffix(".json").read_text())
+            print(f"{name}: {info}", flush=True)
+            done = WORK / name / "row.json"
+            if args.reuse and done.exists():
+                row = json.loads(done.read_text())
+            else:
+                row = run_one(h5ad, WORK / name, name)
+                done.write_text(json.dumps(row))
+            row = {"layout": layout, **info, **row}
+            print(row, flush=True)
+            rows.append(row)
+            table = pd.DataFrame(rows)
+            table.to_csv(RESULTS / f"scale{args.tag}.csv", index=False)
+    write_markdown(pd.DataFrame(rows), RESULTS / f"scale{args.tag}.md", args)
+
+
+def write_markdown(table: pd.DataFrame, path: Path, args) -> None:
+    """The results table with the 1 M / 100 k time ratio per layout."""
+    import platform
+
+    import spatlas
+
+    lines = [
+        "# Atlas scale (issue 14)",
+        "",
+        f"`python benchmarks/scale.py {' '.join(sys.argv[1:])}`; spatlas {spatlas.__version__}, "
+        f"{os.cpu_count()} cores, {platform.machine()}. Harmony + `grid_ae` + K-Means (K = 5) + "
+        "refinement through `spatlas run` (evaluation, report and writing included), one run "
+        "at a time. Wall / CPU s and peak RSS: `/usr/bin/time -v` of the whole CLI process; "
+        "per step: seconds (peak RSS so far, GB).",
+        "",
+    ]
+    steps = [c[:-2] for c in table.columns if c.endswith("_s") and c[:-2] + "_peak_gb" in table]
+    head = ["layout", "spots", "genes", "nnz", "wall s", "CPU s", "peak GB", "ARI", "NMI"]
+    lines.append("| " + " | ".join(head + steps + ["load before/after", "device"]) + " |")
+    lines.append("|" + "---|" * (len(head) + len(steps) + 2))
+    for r in table.to_dict("records"):
+        cells = [
+            r["layout"],
+            f"{r['spots']:,}",
+            f"{r['genes']:,}",
+            f"{r['nnz']:,}",
+            f"{r['wall_s']:.1f}",
+            f"{r['cpu_s']:.1f}",
+            f"{r['peak_gb']:.2f}",
+            f"{r['ari_mean']:.3f}",
+            f"{r['nmi_mean']:.3f}",
+        ]
+        cells += [
+            f"{r[s + '_s']:.1f} ({r[s + '_peak_gb']:.1f})" if pd.notna(r.get(s + "_s")) else ""
+            for s in steps
+        ]
+        cells += [f"{r['load_before']}/{r['load_after']}", str(r.get("device", ""))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for layout, part in table.groupby("layout", sort=False):
+        by = part.set_index("spots")
+        if 100_000 in by.index and 1_000_000 in by.index:
+            ratio = by.loc[1_000_000, "wall_s"] / by.loc[100_000, "wall_s"]
+            dari = by.loc[1_000_000, "ari_mean"] - by.loc[100_000, "ari_mean"]
+            lines.append(
+                f"- {layout}: wall time 1 M / 100 k = {ratio:.2f}; ARI 1 M - 100 k = {dari:+.3f}"
+            )
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
