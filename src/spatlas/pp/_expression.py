@@ -226,11 +226,11 @@ def _chunk_views(X: sp.csr_matrix) -> list[tuple[int, int, sp.csr_matrix]]:
     views = []
     for start, stop in row_chunks(X, 4_000_000):
         lo, hi = int(X.indptr[start]), int(X.indptr[stop])
-        block = sp.csr_matrix(
-            (X.data[lo:hi], X.indices[lo:hi], X.indptr[start : stop + 1] - lo),
-            shape=(stop - start, X.shape[1]),
-            copy=False,
-        )
+        # set the arrays directly: the constructor's format check "prunes" a view smaller than
+        # half its base into a copy, which would duplicate the whole matrix chunk by chunk
+        block = sp.csr_matrix((stop - start, X.shape[1]), dtype=X.dtype)
+        block.data, block.indices = X.data[lo:hi], X.indices[lo:hi]
+        block.indptr = (X.indptr[start : stop + 1] - lo).astype(X.indices.dtype)
         views.append((start, stop, block))
     return views
 
@@ -417,7 +417,8 @@ def preprocess_expression(
             adata._inplace_subset_var(keep)
             # in place unless someone else (the caller) holds the matrix: the references are
             # then only X and getrefcount's argument
-            adata.X = drop_columns(X, keep, in_place=sys.getrefcount(X) <= 2)
+            alone = sys.getrefcount(X) <= 2
+            adata.X = drop_columns(X, keep, in_place=alone)
             del X
         else:
             adata._inplace_subset_var(keep)
