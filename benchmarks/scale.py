@@ -78,8 +78,13 @@ def make_cohort(
     background: float,
     seed: int = 0,
 ) -> dict:
-    """Write the cohort to ``path`` (atomically); returns its size figures."""
+    """Write the cohort to ``path`` (atomically); returns its size figures.
+
+    The counts are written row chunk by row chunk (h5py), so a 5 M-spot cohort never exists
+    in memory with its background genes.
+    """
     import anndata as ad
+    import h5py
     import scipy.sparse as sp
 
     import spatlas
@@ -95,33 +100,55 @@ def make_cohort(
         library_size=500.0,
         seed=seed,
     )
-    adata.obsm = {"spatial": adata.obsm["spatial"]}  # no morphology truth: no images
-    n_bg = n_genes - informative
-    if n_bg > 0:
-        X = adata.X.tocsr()
-        totals = np.asarray(X.sum(axis=1)).ravel()
-        depth = totals / totals.mean()
-        rng = np.random.default_rng([seed, 14])
-        parts, step = [], 100_000
-        for start_row in range(0, adata.n_obs, step):
-            rows = slice(start_row, min(start_row + step, adata.n_obs))
-            bg = background_counts(depth[rows], n_bg, background, rng)
-            parts.append(sp.hstack([X[rows], bg], format="csr", dtype=np.float32))
-        X = sp.vstack(parts, format="csr")
-        del parts
-        var = pd.DataFrame(
-            {"domain_marker": [*adata.var["domain_marker"], *[""] * n_bg]},
-            index=[*adata.var_names, *[f"bg_{g:05d}" for g in range(n_bg)]],
-        )
-        adata = ad.AnnData(X=X, obs=adata.obs, var=var, obsm=dict(adata.obsm), uns=adata.uns)
+    X = adata.X.tocsr()
+    n_bg = max(n_genes - informative, 0)
+    var = pd.DataFrame(
+        {"domain_marker": [*adata.var["domain_marker"], *[""] * n_bg]},
+        index=[*adata.var_names, *[f"bg_{g:05d}" for g in range(n_bg)]],
+    )
+    shell = ad.AnnData(obs=adata.obs, var=var, obsm={"spatial": adata.obsm["spatial"]})
+    shell.uns = adata.uns
+    del adata
     tmp = path.with_suffix(".tmp.h5ad")
-    adata.write_h5ad(tmp)
+    shell.write_h5ad(tmp)
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    depth = totals / totals.mean()
+    rng = np.random.default_rng([seed, 14])
+    nnz = total_counts = 0
+    with h5py.File(tmp, "a") as f:
+        if "X" in f:
+            del f["X"]
+        group = f.create_group("X")
+        group.attrs["encoding-type"] = "csr_matrix"
+        group.attrs["encoding-version"] = "0.1.0"
+        group.attrs["shape"] = np.array([X.shape[0], len(var)], dtype=np.int64)
+        data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype="f4", chunks=True)
+        indices = group.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype="i4", chunks=True
+        )
+        indptr = [np.zeros(1, dtype=np.int64)]
+        for first in range(0, X.shape[0], 100_000):
+            rows = slice(first, min(first + 100_000, X.shape[0]))
+            block = X[rows]
+            if n_bg:
+                bg = background_counts(depth[rows], n_bg, background, rng)
+                block = sp.hstack([block, bg], format="csr", dtype=np.float32)
+            block.sort_indices()
+            size = block.nnz
+            data.resize((nnz + size,))
+            indices.resize((nnz + size,))
+            data[nnz:] = block.data.astype(np.float32)
+            indices[nnz:] = block.indices.astype(np.int32)
+            indptr.append(block.indptr[1:].astype(np.int64) + nnz)
+            nnz += size
+            total_counts += float(block.data.sum())
+        group.create_dataset("indptr", data=np.concatenate(indptr))
     tmp.replace(path)
     info = {
-        "spots": int(adata.n_obs),
-        "genes": int(adata.n_vars),
-        "nnz": int(adata.X.nnz),
-        "counts_per_spot": float(adata.X.sum() / adata.n_obs),
+        "spots": int(X.shape[0]),
+        "genes": len(var),
+        "nnz": int(nnz),
+        "counts_per_spot": round(total_counts / X.shape[0], 1),
         "generate_s": round(time.perf_counter() - start, 1),
         "file_gb": round(path.stat().st_size / 2**30, 2),
     }

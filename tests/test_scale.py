@@ -205,3 +205,114 @@ def test_pca_max_spots_is_checked_before_work():
     config.preprocessing.pca_max_spots = 10
     with pytest.raises(ConfigError, match="pca_max_spots"):
         check_config(config)
+
+
+@pytest.fixture(scope="module")
+def cohort_file(cohort, tmp_path_factory):
+    path = tmp_path_factory.mktemp("stream") / "cohort.h5ad"
+    adata = cohort.copy()
+    adata.obs["section"] = adata.obs[K.SAMPLE].astype(str)
+    adata.obs["patient"] = adata.obs[K.DONOR].astype(str)
+    adata.obs = adata.obs.drop(columns=[K.SAMPLE, K.DONOR])
+    # interleave the samples' rows: the file's order is not the cohort's
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    adata[order].copy().write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("fit_spots", [None, 1500])
+def test_streamed_preprocessing_equals_the_in_memory_one(cohort_file, monkeypatch, fit_spots):
+    from spatlas.io._stream import H5adCounts
+
+    parts = spatlas.io.read_h5ad(cohort_file, sample_key="section", donor_key="patient")
+    memory = spatlas.io.concat_samples(parts)
+    spatlas.pp.preprocess_expression(memory, n_top_genes=120, n_comps=8, pca_max_spots=fit_spots)
+    parts = spatlas.io.read_h5ad(
+        cohort_file, sample_key="section", donor_key="patient", counts=False
+    )
+    streamed = spatlas.io.concat_samples(parts, consume=True)
+    streamed.X = None
+    assert streamed.obs_names.equals(memory.obs_names)
+    monkeypatch.setattr("spatlas.io._stream.STREAM_CHUNK_NNZ", 7_000)
+    counts = H5adCounts(cohort_file)
+    assert len(list(counts.chunks(7_000))) > 10
+    spatlas.pp.preprocess_streaming(
+        streamed, counts, n_top_genes=120, n_comps=8, pca_max_spots=fit_spots
+    )
+    assert streamed.X is None
+    assert streamed.var_names.equals(memory.var_names)
+    np.testing.assert_array_equal(streamed.var[K.HVG], memory.var[K.HVG])
+    np.testing.assert_allclose(
+        streamed.var["variances_norm"], memory.var["variances_norm"], rtol=1e-9
+    )
+    a, b = streamed.obsm[K.PCA], memory.obsm[K.PCA]
+    for j in range(4):
+        assert abs(np.corrcoef(a[:, j], b[:, j])[0, 1]) > 0.999, j
+    np.testing.assert_allclose(
+        streamed.uns["pca"]["variance"][:4], memory.uns["pca"]["variance"][:4], rtol=1e-3
+    )
+
+
+def _config(path, tmp_path, **sections):
+    import yaml
+
+    config = {
+        "seed": 0,
+        "data": {
+            "h5ad": str(path),
+            "sample_key": "section",
+            "donor_key": "patient",
+            "label_column": "label",
+        },
+        "preprocessing": {"n_top_genes": 120, "n_comps": 8},
+        "clustering": {"n_clusters": 5},
+    }
+    for key, value in sections.items():
+        config.setdefault(key, {}).update(value)
+    file = tmp_path / "config.yaml"
+    file.write_text(yaml.safe_dump(config))
+    return file
+
+
+def test_a_streamed_run_writes_domains_without_the_matrix(cohort_file, tmp_path):
+    from spatlas._config import load_config
+    from spatlas.pipeline import run
+
+    config = _config(
+        cohort_file, tmp_path, data={"streaming": True}, augmentation={"enabled": False}
+    )
+    result = run(load_config(config), out=tmp_path / "run")
+    assert result.adata.X is None
+    table = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert table.loc[table["sample"] == "mean", "ari"].iloc[0] > 0.3
+    written = __import__("anndata").read_h5ad(tmp_path / "run" / "cohort.h5ad")
+    assert K.FILE_ROW in written.obs and "harmony_domain" in written.obs
+
+
+def test_streaming_lists_the_settings_it_needs(cohort_file, tmp_path):
+    from spatlas._config import ConfigError, load_config
+    from spatlas.pipeline import plan_memory
+
+    config = load_config(_config(cohort_file, tmp_path, data={"streaming": True}))
+    with pytest.raises(ConfigError, match=r"augmentation\.enabled: false"):
+        plan_memory(config)
+
+
+def test_a_cohort_too_large_for_memory_is_refused_before_work(cohort_file, tmp_path, monkeypatch):
+    from spatlas._config import load_config
+    from spatlas._errors import SpatlasInputError
+    from spatlas.pipeline import plan_memory
+
+    monkeypatch.setattr("spatlas.io._stream.available_memory", lambda: 1e6)
+    config = load_config(_config(cohort_file, tmp_path, data={"streaming": False}))
+    with pytest.raises(SpatlasInputError, match=r"need about .* of memory"):
+        plan_memory(config)
+    # auto: too large even streamed -> refused; streamed when that fits and the settings allow
+    config = load_config(
+        _config(cohort_file, tmp_path, data={"streaming": "auto"}, augmentation={"enabled": False})
+    )
+    with pytest.raises(SpatlasInputError, match="even with the counts streamed"):
+        plan_memory(config)
+    monkeypatch.setattr("spatlas.io._stream.available_memory", lambda: 1e11)
+    monkeypatch.setattr("spatlas.io._stream.memory_estimate", lambda n, nnz: 1e12)
+    assert plan_memory(config) is not None

@@ -46,6 +46,16 @@ class DataConfig:
         with a ``spatlas`` table holding the domains, the embedding and the per-domain tables,
         so the domains can be viewed over the image in tools that read SpatialData. The input
         stores are never modified.
+    streaming
+        Keep the counts of a ``data.h5ad`` cohort on disk and read them in row chunks
+        (``spatlas.pp.preprocess_streaming``): ``auto`` (when the in-memory pipeline would need
+        more than 80 % of the memory available: about 12 bytes per stored count value plus
+        2 kB per spot), ``true`` or ``false``. Streaming holds per-spot vectors only; it needs
+        ``augmentation.enabled: false`` and no step that reads the expression matrix
+        (``downstream.markers`` / ``pathways``, ``expression.predict``, ``integration.method:
+        scvi``), and ``cohort.h5ad`` then holds no expression (``obs['file_row']`` maps each
+        spot to its row in the input). Without streaming, a cohort that does not fit is refused
+        before any work with the memory it needs.
     """
 
     sheet: str | None = None
@@ -61,6 +71,7 @@ class DataConfig:
     exclude_labels: list[str] = field(default_factory=list)
     expression_embedding: str | None = None
     write_spatialdata: bool = True
+    streaming: bool | str = "auto"
 
 
 @dataclass

@@ -10,6 +10,8 @@ ARRAY_ROW = "array_row"
 ARRAY_COL = "array_col"
 IN_TISSUE = "in_tissue"
 LABEL = "label"  # ground-truth domain annotation, when the cohort has one
+#: obs column of a streamed cohort: each spot's row in the ``.h5ad`` file holding its counts.
+FILE_ROW = "file_row"
 INSTANCE = "instance_id"  # SpatialData input: the shape's instance id in its region
 CELL_AREA = "cell_area"  # segmented cells: polygon area in full-resolution pixels²
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from . import _keys as K
 from ._config import Config, config_to_dict
 from ._errors import ConfigError, SpatlasInputError
 from ._logging import add_file_handler, logger
-from ._resources import peak_rss_mb
+from ._resources import peak_rss_mb, release_memory
 
 DATASETS = ("dlpfc_demo", "synthetic")
 
@@ -41,6 +42,7 @@ def _step(name: str, steps: list[dict]) -> Iterator[None]:
     logger.info("step %s ...", name)
     start = time.perf_counter()
     yield
+    release_memory()
     seconds = time.perf_counter() - start
     steps.append(
         {"step": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
@@ -48,13 +50,15 @@ def _step(name: str, steps: list[dict]) -> Iterator[None]:
     logger.info("step %s done in %.1f s (peak RSS %.0f MB)", name, seconds, peak_rss_mb())
 
 
-def load_cohort(config: Config) -> ad.AnnData:
+def load_cohort(config: Config, *, counts: bool = True) -> ad.AnnData:
     """Read the cohort the ``data`` section describes.
 
     With ``data.expression_embedding``, the embedding is read, checked and stored as
-    ``obsm['X_input']`` (see :func:`spatlas.pp.use_expression_embedding`).
+    ``obsm['X_input']`` (see :func:`spatlas.pp.use_expression_embedding`). ``counts=False``
+    (streaming, ``data.h5ad`` only): everything but the counts; ``X`` is ``None`` and
+    ``obs['file_row']`` maps each spot to its row in the file.
     """
-    adata = _read_cohort(config)
+    adata = _read_cohort(config, counts=counts)
     if config.data.expression_embedding is not None:
         from . import pp
 
@@ -62,7 +66,7 @@ def load_cohort(config: Config) -> ad.AnnData:
     return adata
 
 
-def _read_cohort(config: Config) -> ad.AnnData:
+def _read_cohort(config: Config, *, counts: bool = True) -> ad.AnnData:
     from . import io
 
     data = config.data
@@ -97,6 +101,7 @@ def _read_cohort(config: Config) -> ad.AnnData:
             sample_key=data.sample_key,
             donor_key=data.donor_key,
             counts_layer=data.counts_layer,
+            counts=counts,
         )
         if data.label_column is not None:
             for part in parts:
@@ -106,7 +111,10 @@ def _read_cohort(config: Config) -> ad.AnnData:
                         f"(columns: {', '.join(part.obs.columns)})"
                     )
                 part.obs[K.LABEL] = part.obs[data.label_column].astype(str)
-        return io.concat_samples(parts, join=data.join, consume=True)
+        cohort = io.concat_samples(parts, join=data.join, consume=True)
+        if not counts:
+            cohort.X = None  # the counts stay in the file
+        return cohort
     if data.samples is not None:
         from .io._sheet import specs_from_records
 
@@ -200,14 +208,13 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
     steps: list[dict] = []
     check_config(config)
     if _uses_model(config):  # a bad model name or setting fails before the slow steps
-        from . import models
-
-        _model_params(config, models.get_model(config.model.name), 7)
+        _check_model_settings(config)
     if stage is not None:
         with open(stage / "config.yaml", "w") as fh:
             yaml.safe_dump(config_to_dict(config), fh, sort_keys=False)
+    stream = plan_memory(config)  # refuses a cohort that cannot fit, before any work
     with _step("load", steps):
-        adata = load_cohort(config)
+        adata = load_cohort(config, counts=stream is None)
         summary = io.summarize_cohort(adata)
         logger.info(
             "cohort: %d spots x %d genes\n%s",
@@ -222,7 +229,7 @@ def _run(config: Config, *, stage: Path | None) -> RunResult:
     if config.expression.predict:
         check_holdout(config, adata)
     with _step("preprocess", steps):
-        preprocess(config, adata)
+        preprocess(config, adata, stream=stream)
     method = integration_method(config)
     if method == "none":
         basis = expression_basis(config)
@@ -370,6 +377,106 @@ def _domain_sizes(adata: ad.AnnData, domain_key: str) -> pd.DataFrame:
     return sizes
 
 
+#: Above this share of the memory available, ``data.streaming: auto`` streams the counts.
+STREAM_SHARE = 0.8
+
+
+def plan_memory(config: Config):
+    """Whether the counts fit in memory; the :class:`~spatlas.io._stream.H5adCounts` to stream.
+
+    For a ``data.h5ad`` cohort the memory the in-memory pipeline needs is estimated from the
+    file's metadata (:func:`spatlas.io._stream.memory_estimate`) and compared with the memory
+    available. ``data.streaming``: ``auto`` streams above ``STREAM_SHARE`` of it, ``true``
+    always, ``false`` never - and a cohort that does not fit is then refused here, before any
+    work, with what it needs. Streaming itself needs settings that never read the expression
+    matrix (a ``ConfigError`` lists the ones to change).
+
+    Returns
+    -------
+    The counts to stream, or ``None`` (in memory).
+    """
+    from .io._stream import (
+        H5adCounts,
+        available_memory,
+        gb,
+        memory_estimate,
+        streaming_estimate,
+    )
+
+    data = config.data
+    mode = data.streaming
+    if mode not in (True, False, "auto"):
+        raise ConfigError(f"data.streaming must be true, false or auto; got {mode!r}")
+    if data.h5ad is None or data.sample_key is None or not Path(data.h5ad).is_file():
+        if mode is True:
+            raise ConfigError(
+                "data.streaming: true streams the counts of a data.h5ad cohort (with "
+                "data.sample_key); give the cohort as one .h5ad file"
+            )
+        return None  # other inputs are read sample by sample; their readers say what is wrong
+    try:
+        counts = H5adCounts(data.h5ad, data.counts_layer)
+    except SpatlasInputError as err:
+        if mode is True:
+            raise
+        logger.info("not streaming: %s", err)
+        return None
+    n, g = counts.shape
+    need, available = memory_estimate(n, counts.nnz), available_memory()
+    size = f"{n:,} spots x {g:,} genes with {counts.nnz:,} stored counts"
+    if mode is False or (mode == "auto" and need <= STREAM_SHARE * available):
+        if need > available:
+            raise SpatlasInputError(
+                f"{data.h5ad}: {size} need about {gb(need)} of memory in spatlas' in-memory "
+                f"pipeline and {gb(available)} are available; set data.streaming: auto (or "
+                "true) to keep the counts on disk, or run on a machine with more memory"
+            )
+        return None
+    streamed = streaming_estimate(n, counts.nnz, config.preprocessing.pca_max_spots)
+    if streamed > available:
+        raise SpatlasInputError(
+            f"{data.h5ad}: {size} need about {gb(streamed)} of memory even with the counts "
+            f"streamed from disk (about 2 kB per spot) and {gb(available)} are available; "
+            "split the atlas into several runs or use a machine with more memory"
+        )
+    blockers = _streaming_blockers(config)
+    if blockers:
+        raise ConfigError(
+            f"{data.h5ad}: {size} need about {gb(need)} in memory and {gb(available)} are "
+            "available, so the counts must be streamed from disk (data.streaming), which reads "
+            "no expression matrix later: " + "; ".join(blockers)
+        )
+    logger.info(
+        "streaming the counts from %s (%s; in memory they would need about %s of the %s available)",
+        data.h5ad,
+        size,
+        gb(need),
+        gb(available),
+    )
+    return counts
+
+
+def _streaming_blockers(config: Config) -> list[str]:
+    """Settings that read the expression matrix, each with the change streaming needs."""
+    blockers = []
+    if augmented(config):
+        blockers.append("set augmentation.enabled: false (the augmentation reads the counts)")
+    if config.downstream.markers:
+        blockers.append("set downstream.markers: false")
+    if config.downstream.pathways:
+        blockers.append("set downstream.pathways: false")
+    if config.expression.predict:
+        blockers.append("set expression.predict: false")
+    if integration_method(config) == "scvi":
+        blockers.append("choose integration.method harmony, scanorama or none (scVI reads counts)")
+    if config.data.expression_embedding is not None:
+        blockers.append("remove data.expression_embedding")
+    prep = config.preprocessing
+    if prep.hvg_flavor != "seurat_v3" or prep.scale_max_value is not None:
+        blockers.append("use preprocessing.hvg_flavor: seurat_v3 without scale_max_value")
+    return blockers
+
+
 def augmented(config: Config) -> bool:
     """Whether the ``augmentation`` step runs (enabled with λ > 0)."""
     return config.augmentation.enabled and config.augmentation.lam > 0
@@ -451,16 +558,21 @@ def check_config(config: Config) -> None:
             )
 
 
-def preprocess(config: Config, adata: ad.AnnData) -> None:
+def preprocess(config: Config, adata: ad.AnnData, *, stream=None) -> None:
     """The ``preprocessing`` and ``augmentation`` sections applied to ``adata`` (in place).
 
     With ``data.expression_embedding``, the augmentation runs on the columns of
     ``obsm['X_input']`` (:func:`spatlas.pp.spatial_embedding`) instead of the HVG counts.
+    With ``stream`` (:class:`spatlas.io._stream.H5adCounts`, see :func:`plan_memory`), the
+    counts are read from disk in row chunks (:func:`spatlas.pp.preprocess_streaming`).
     """
     from . import pp
 
     prep = config.preprocessing
-    pp.preprocess_expression(
+    run = pp.preprocess_expression
+    if stream is not None:
+        run = functools.partial(pp.preprocess_streaming, counts=stream)
+    run(
         adata,
         min_spots=prep.min_spots,
         n_top_genes=prep.n_top_genes,
@@ -856,6 +968,24 @@ def _write_report(stage: Path, adata: ad.AnnData) -> None:
 
 def _uses_model(config: Config) -> bool:
     return config.model.name not in ("", "none")
+
+
+def _check_model_settings(config: Config) -> None:
+    """The model's name and settings checked without importing torch (see ``_model_params``)."""
+    from . import models
+
+    m = config.model
+    init, train = models.parameter_names(m.name)
+    common = {
+        "morphology_weight": m.morphology_weight,
+        "window": m.window,
+        "latent_dim": m.latent_dim,
+        "steps": m.steps,
+        "n_pseudo_labels": 7,
+    }
+    params = {k: v for k, v in common.items() if k in init or k in train}
+    params.update(m.params)
+    models.check_params(m.name, params)
 
 
 def _model_params(config: Config, cls: type, n_pseudo_labels: int) -> dict:

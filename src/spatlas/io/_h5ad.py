@@ -169,6 +169,7 @@ def read_h5ad(
     donor_key: str | None = None,
     counts_layer: str | None = None,
     fullres_image: str | Path | None = None,
+    counts: bool = True,
 ) -> ad.AnnData | list[ad.AnnData]:
     """Read an ``.h5ad`` file holding one sample, or several split by ``sample_key``.
 
@@ -185,6 +186,10 @@ def read_h5ad(
         Layer holding raw counts when ``X`` holds normalised values.
     fullres_image
         Full-resolution image of a single-sample file.
+    counts
+        Read the counts. ``False`` (streaming, with ``sample_key``): the samples get an empty
+        ``X`` of the right shape and ``obs['file_row']``, each spot's row in the file, from
+        which the counts are streamed later (:class:`spatlas.io._stream.H5adCounts`).
 
     Returns
     -------
@@ -200,6 +205,8 @@ def read_h5ad(
     path = Path(path)
     # several samples: the file stays on disk and each sample's rows are read in turn, so the
     # whole matrix is never held twice
+    if not counts and sample_key is None:
+        raise SpatlasInputError(f"{path}: reading without counts needs a sample_key")
     adata = _load(path, backed=sample_key is not None)
     try:
         with reading(path, ".h5ad input", _H5AD_FIX):
@@ -212,6 +219,7 @@ def read_h5ad(
                 donor_key=donor_key,
                 counts_layer=counts_layer,
                 fullres_image=fullres_image,
+                counts=counts,
             )
     finally:
         if adata.isbacked:
@@ -228,6 +236,7 @@ def _split(
     donor_key: str | None,
     counts_layer: str | None,
     fullres_image: str | Path | None,
+    counts: bool = True,
 ) -> ad.AnnData | list[ad.AnnData]:
     if sample_key is None:
         if sample is None:
@@ -256,7 +265,12 @@ def _split(
     parts = []
     for s in samples:
         rows = names == s
-        sub = adata[rows].to_memory() if adata.isbacked else adata[rows].copy()
+        if not counts:
+            sub = _without_counts(adata, np.flatnonzero(rows), counts_layer)
+        elif adata.isbacked:
+            sub = adata[rows].to_memory()
+        else:
+            sub = adata[rows].copy()
         d = str(sub.obs[donor_key].iloc[0]) if donor_key else donor
         if donor_key and sub.obs[donor_key].astype(str).nunique() > 1:
             raise SpatlasInputError(f"{path}: sample '{s}' has spots from several donors")
@@ -274,6 +288,23 @@ def _split(
             )
         )
     return parts
+
+
+def _without_counts(adata: ad.AnnData, rows: np.ndarray, counts_layer: str | None) -> ad.AnnData:
+    """The spots ``rows`` of a (backed) file with an empty counts matrix and ``obs['file_row']``."""
+    empty = sp.csr_matrix((rows.size, adata.n_vars), dtype=np.float32)
+    obsm = {}
+    for key, value in adata.obsm.items():
+        obsm[key] = value.iloc[rows] if hasattr(value, "iloc") else np.asarray(value[rows])
+    sub = ad.AnnData(
+        X=empty,
+        obs=adata.obs.iloc[rows].copy(),
+        var=adata.var.copy(),
+        obsm=obsm,
+        layers={counts_layer: empty} if counts_layer is not None else None,
+    )
+    sub.obs[K.FILE_ROW] = rows.astype(np.int64)
+    return sub
 
 
 def _has_sample_uns(adata: ad.AnnData, sample: str) -> bool:

@@ -661,11 +661,14 @@ def read_cohort(sheet: str | Path | Sequence[SampleSpec], *, join: str = "inner"
 
 
 def summarize_cohort(adata: ad.AnnData) -> pd.DataFrame:
-    """One row per sample: donor, spots, genes detected, images, labelled spots and classes."""
+    """One row per sample: donor, spots, genes detected, images, labelled spots and classes.
+
+    Without ``X`` (counts streamed from disk) genes and median UMIs are missing.
+    """
     rows = []
     for sample in adata.obs[K.SAMPLE].cat.categories:
         mask = (adata.obs[K.SAMPLE] == sample).to_numpy()
-        sub_X = adata.X[mask]
+        sub_X = adata.X[mask] if adata.X is not None else None  # None: streamed counts
         info = adata.uns.get(K.SPATIAL, {}).get(sample, {})
         images = sorted(info.get(K.IMAGES, {}))
         if info.get(K.METADATA, {}).get(K.FULLRES_PATH):
@@ -676,8 +679,16 @@ def summarize_cohort(adata: ad.AnnData) -> pd.DataFrame:
                 "sample": sample,
                 "donor": str(adata.obs.loc[mask, K.DONOR].iloc[0]),
                 "spots": int(mask.sum()),
-                "genes": int((np.asarray(sub_X.sum(axis=0)).ravel() > 0).sum()),
-                "median_umi": float(np.median(np.asarray(sub_X.sum(axis=1)).ravel())),
+                "genes": (
+                    int((np.asarray(sub_X.sum(axis=0)).ravel() > 0).sum())
+                    if sub_X is not None
+                    else pd.NA
+                ),
+                "median_umi": (
+                    float(np.median(np.asarray(sub_X.sum(axis=1)).ravel()))
+                    if sub_X is not None
+                    else float("nan")
+                ),
                 "images": ",".join(images) or "-",
                 "labelled": int(labels.notna().sum()) if labels is not None else 0,
                 "classes": int(labels.nunique()) if labels is not None else 0,

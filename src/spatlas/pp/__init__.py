@@ -23,6 +23,7 @@ from ._spatial_expression import (
     spatial_embedding,
     spatial_expression,
 )
+from ._streaming import preprocess_streaming
 from .morphology import (
     fit_stain_normalizer,
     get_extractor,
@@ -51,6 +52,7 @@ __all__ = [
     "neighbourhood_weights",
     "normalise_counts",
     "preprocess_expression",
+    "preprocess_streaming",
     "read_embedding",
     "register_extractor",
     "register_integration",

@@ -235,6 +235,36 @@ def _chunk_views(X: sp.csr_matrix) -> list[tuple[int, int, sp.csr_matrix]]:
     return views
 
 
+def stack_rows(pieces: list[sp.csr_matrix], n_cols: int) -> sp.csr_matrix:
+    """The CSR ``pieces`` stacked row-wise, each dropped from the list once copied.
+
+    The peak is the result plus one piece, not twice the result.
+    """
+    nnz = sum(p.nnz for p in pieces)
+    n = sum(p.shape[0] for p in pieces)
+    data = np.empty(nnz, dtype=np.float32)
+    indices = np.empty(nnz, dtype=np.int32 if n_cols < 2**31 else np.int64)
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    row = pos = 0
+    while pieces:
+        piece = pieces.pop(0)
+        data[pos : pos + piece.nnz] = piece.data
+        indices[pos : pos + piece.nnz] = piece.indices
+        indptr[row + 1 : row + 1 + piece.shape[0]] = piece.indptr[1:] + pos
+        row, pos = row + piece.shape[0], pos + piece.nnz
+    return sp.csr_matrix((data, indices, indptr), shape=(n, n_cols))
+
+
+def _select(X: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+    """``X[rows][:, cols]`` (``rows`` sorted) built one row chunk at a time."""
+    pieces = []
+    for start, stop, block in _chunk_views(X):
+        a, b = np.searchsorted(rows, [start, stop])
+        if b > a:
+            pieces.append(block[rows[a:b] - start][:, cols].astype(np.float32))
+    return stack_rows(pieces, cols.size)
+
+
 class _Scaled:
     """The implicitly z-scored columns ``cols`` of a CSR matrix, multiplied chunk by chunk."""
 
@@ -269,6 +299,23 @@ class _Scaled:
         )
 
 
+def _svd(op, n_comps: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ARPACK's truncated SVD of ``op``, largest first, signs fixed by the largest loading."""
+    from scipy.sparse.linalg import svds
+
+    v0 = np.random.default_rng(seed).standard_normal(min(op.shape))
+    U, S, Vt = svds(op, k=n_comps, v0=v0, solver="arpack")
+    order = np.argsort(S)[::-1]
+    U, S, Vt = U[:, order], S[order], Vt[order]
+    signs = np.sign(Vt[np.arange(n_comps), np.abs(Vt).argmax(axis=1)])
+    return U * signs, S, Vt * signs[:, None]
+
+
+def _components(op, n_comps: int, seed: int) -> np.ndarray:
+    """The ``(n_comps, genes)`` loadings of :func:`_svd`."""
+    return _svd(op, n_comps, seed)[2]
+
+
 def _blocked_scaled_pca(
     X: sp.csr_matrix,
     columns: np.ndarray | None,
@@ -287,8 +334,6 @@ def _blocked_scaled_pca(
     cohort's means and deviations) and every spot is then projected on them; the variances are
     those of the projected scores.
     """
-    from scipy.sparse.linalg import svds
-
     n, g_all = X.shape
     cols = np.flatnonzero(np.ones(g_all, dtype=bool) if columns is None else columns)
     g = cols.size
@@ -313,7 +358,7 @@ def _blocked_scaled_pca(
     subsampled = fit_spots is not None and n > fit_spots
     if subsampled:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=fit_spots, replace=False))
-        fit = X[rows][:, cols]
+        fit = _select(X, rows, cols)
         logger.info(
             "PCA fitted on a deterministic subsample of %d of %d spots, then every spot projected",
             fit_spots,
@@ -322,12 +367,7 @@ def _blocked_scaled_pca(
         op = _Scaled(fit, np.arange(g), mean, inv).operator()
     else:
         op = whole.operator()
-    v0 = np.random.default_rng(seed).standard_normal(min(op.shape))
-    U, S, Vt = svds(op, k=n_comps, v0=v0, solver="arpack")
-    order = np.argsort(S)[::-1]
-    U, S, Vt = U[:, order], S[order], Vt[order]
-    signs = np.sign(Vt[np.arange(n_comps), np.abs(Vt).argmax(axis=1)])
-    U, Vt = U * signs, Vt * signs[:, None]
+    U, S, Vt = _svd(op, n_comps, seed)
     if subsampled:
         scores = whole.matmat(Vt.T)
         variance = scores.var(axis=0, ddof=1)

@@ -12,6 +12,7 @@ scanpy 1.11's ``_highly_variable_genes_seurat_v3`` (tested against it).
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -31,34 +32,121 @@ def row_chunks(X: sp.csr_matrix, chunk_nnz: int = CHUNK_NNZ) -> list[tuple[int, 
     return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def _batch_sums(
-    X: sp.csr_matrix,
+def accumulate(
+    chunk: sp.csr_matrix,
     codes: np.ndarray,
-    n_batches: int,
+    total: np.ndarray,
+    squares: np.ndarray,
     clip: np.ndarray | None = None,
-    chunk_nnz: int = CHUNK_NNZ,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per batch and gene: sum and sum of squares of ``X`` (of ``min(X, clip[batch])``)."""
-    n_genes = X.shape[1]
-    total = np.zeros((n_batches, n_genes))
-    squares = np.zeros((n_batches, n_genes))
+) -> None:
+    """Add one row chunk's per-batch, per-gene sums (and sums of squares) into the arrays.
+
+    ``codes``: the batch of each of the chunk's rows; ``total`` / ``squares``: ``(batches,
+    genes)`` float64 accumulators; ``clip``: ``(batches, genes)`` upper bounds of the values.
+    """
+    n_batches, n_genes = total.shape
+    rows = np.repeat(np.arange(chunk.shape[0]), np.diff(chunk.indptr))
+    cols = chunk.indices
+    values = chunk.data.astype(np.float64)
+    batch = codes[rows]
+    if clip is not None:
+        np.minimum(values, clip[batch, cols], out=values)
+    flat = batch.astype(np.int64) * n_genes + cols
+    size = n_batches * n_genes
+    total += np.bincount(flat, weights=values, minlength=size).reshape(n_batches, n_genes)
+    squares += np.bincount(flat, weights=values * values, minlength=size).reshape(
+        n_batches, n_genes
+    )
+
+
+def _chunks(X: sp.csr_matrix, chunk_nnz: int):
     for start, stop in row_chunks(X, chunk_nnz):
-        ptr = X.indptr[start : stop + 1]
-        lo, hi = int(ptr[0]), int(ptr[-1])
-        rows = np.repeat(np.arange(stop - start), np.diff(ptr))
-        cols = X.indices[lo:hi]
-        values = X.data[lo:hi].astype(np.float64)
-        batch = codes[start:stop][rows]
-        if clip is not None:
-            np.minimum(values, clip[batch, cols], out=values)
-        flat = batch.astype(np.int64) * n_genes + cols
-        total += np.bincount(flat, weights=values, minlength=n_batches * n_genes).reshape(
-            n_batches, n_genes
+        yield start, stop, X[start:stop]
+
+
+def _mean_var(s: np.ndarray, q: np.ndarray, m) -> tuple[np.ndarray, np.ndarray]:
+    mean = s / m
+    var = (q / m - mean**2) * (m / np.maximum(m - 1, 1))
+    return mean, var
+
+
+class LoessFit(NamedTuple):
+    """Per batch: spots, gene means, fitted standard deviations and the clip values."""
+
+    counts: np.ndarray
+    mean: np.ndarray
+    reg_std: np.ndarray
+    clip: np.ndarray
+
+
+def loess_fit(total: np.ndarray, squares: np.ndarray, counts: np.ndarray, span: float = 0.3):
+    """Seurat v3's LOESS of log variance on log mean per batch, and its clip values."""
+    from skmisc.loess import loess  # a core dependency (scanpy's seurat_v3 needs it too)
+
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, 1)
+    bmean, bvar = _mean_var(total, squares, counts)
+    reg_std = np.zeros_like(bmean)
+    clip = np.empty_like(bmean)
+    for b in range(bmean.shape[0]):
+        not_const = bvar[b] > 0
+        fitted = np.zeros(bmean.shape[1])
+        model = loess(
+            np.log10(bmean[b, not_const]), np.log10(bvar[b, not_const]), span=span, degree=2
         )
-        squares += np.bincount(
-            flat, weights=values * values, minlength=n_batches * n_genes
-        ).reshape(n_batches, n_genes)
-    return total, squares
+        model.fit()
+        fitted[not_const] = model.outputs.fitted_values
+        reg_std[b] = np.sqrt(10**fitted)
+        clip[b] = reg_std[b] * np.sqrt(counts[b, 0]) + bmean[b]
+    return LoessFit(counts, bmean, reg_std, clip)
+
+
+def select_hvg(
+    fit: LoessFit,
+    ctotal: np.ndarray,
+    csquares: np.ndarray,
+    means: np.ndarray,
+    variances: np.ndarray,
+    n_top_genes: int,
+) -> pd.DataFrame:
+    """Normalised variances from the clipped sums, ranks per batch and scanpy's selection."""
+    m, bmean, reg_std = fit.counts, fit.mean, fit.reg_std
+    norm_vars = (1 / ((m - 1) * np.square(reg_std))) * (
+        m * np.square(bmean) + csquares - 2 * ctotal * bmean
+    )
+    ranks = np.argsort(np.argsort(-norm_vars, axis=1), axis=1).astype(np.float32)
+    nbatches = np.sum((ranks < n_top_genes).astype(int), axis=0)
+    ranks[ranks >= n_top_genes] = np.nan
+    median_rank = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
+    df = pd.DataFrame(
+        {
+            "means": means,
+            "variances": variances,
+            "variances_norm": norm_vars.mean(axis=0),
+            "highly_variable_rank": median_rank,
+            "highly_variable_nbatches": nbatches,
+        }
+    )
+    order = (
+        df[["highly_variable_rank", "highly_variable_nbatches"]]
+        .sort_values(
+            ["highly_variable_rank", "highly_variable_nbatches"],
+            ascending=[True, False],
+            na_position="last",
+        )
+        .index
+    )
+    hv = np.zeros(len(df), dtype=bool)
+    hv[order[: int(n_top_genes)]] = True
+    df["highly_variable"] = hv
+    return df
+
+
+def batch_codes(batches: np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
+    """Batch code of each spot in sorted batch order (as scanpy's ``np.unique``), and the count."""
+    if batches is None:
+        return np.zeros(n, dtype=np.int64), 1
+    uniques, codes = np.unique(np.asarray(batches), return_inverse=True)
+    return codes.astype(np.int64), int(uniques.size)
 
 
 def seurat_v3_hvg(
@@ -90,65 +178,16 @@ def seurat_v3_hvg(
         One row per gene, columns ``means``, ``variances``, ``variances_norm``,
         ``highly_variable_rank``, ``highly_variable_nbatches``, ``highly_variable`` (scanpy's).
     """
-    from skmisc.loess import loess  # a core dependency (scanpy's seurat_v3 needs it too)
-
     X = X.tocsr() if sp.issparse(X) else sp.csr_matrix(X)
     n, n_genes = X.shape
-    if batches is None:
-        codes, n_batches = np.zeros(n, dtype=np.int64), 1
-    else:
-        uniques, codes = np.unique(np.asarray(batches), return_inverse=True)
-        n_batches = uniques.size
-    counts = np.bincount(codes, minlength=n_batches).astype(np.float64)[:, None]
-    total, squares = _batch_sums(X, codes, n_batches, chunk_nnz=chunk_nnz)
-
-    def mean_var(s: np.ndarray, q: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        mean = s / m
-        var = (q / m - mean**2) * (m / np.maximum(m - 1, 1))
-        return mean, var
-
-    means, variances = mean_var(total.sum(0), squares.sum(0), float(n))
-    bmean, bvar = mean_var(total, squares, counts)
-    reg_std = np.zeros_like(bmean)
-    clip = np.empty_like(bmean)
-    for b in range(n_batches):
-        not_const = bvar[b] > 0
-        fitted = np.zeros(n_genes)
-        model = loess(
-            np.log10(bmean[b, not_const]), np.log10(bvar[b, not_const]), span=span, degree=2
-        )
-        model.fit()
-        fitted[not_const] = model.outputs.fitted_values
-        reg_std[b] = np.sqrt(10**fitted)
-        clip[b] = reg_std[b] * np.sqrt(counts[b, 0]) + bmean[b]
-    ctotal, csquares = _batch_sums(X, codes, n_batches, clip=clip, chunk_nnz=chunk_nnz)
-    m = counts
-    norm_vars = (1 / ((m - 1) * np.square(reg_std))) * (
-        m * np.square(bmean) + csquares - 2 * ctotal * bmean
-    )
-    ranks = np.argsort(np.argsort(-norm_vars, axis=1), axis=1).astype(np.float32)
-    nbatches = np.sum((ranks < n_top_genes).astype(int), axis=0)
-    ranks[ranks >= n_top_genes] = np.nan
-    median_rank = np.ma.median(np.ma.masked_invalid(ranks), axis=0).filled(np.nan)
-    df = pd.DataFrame(
-        {
-            "means": means,
-            "variances": variances,
-            "variances_norm": norm_vars.mean(axis=0),
-            "highly_variable_rank": median_rank,
-            "highly_variable_nbatches": nbatches,
-        }
-    )
-    order = (
-        df[["highly_variable_rank", "highly_variable_nbatches"]]
-        .sort_values(
-            ["highly_variable_rank", "highly_variable_nbatches"],
-            ascending=[True, False],
-            na_position="last",
-        )
-        .index
-    )
-    hv = np.zeros(n_genes, dtype=bool)
-    hv[order[: int(n_top_genes)]] = True
-    df["highly_variable"] = hv
-    return df
+    codes, n_batches = batch_codes(batches, n)
+    counts = np.bincount(codes, minlength=n_batches)
+    total, squares = np.zeros((n_batches, n_genes)), np.zeros((n_batches, n_genes))
+    for start, stop, chunk in _chunks(X, chunk_nnz):
+        accumulate(chunk, codes[start:stop], total, squares)
+    means, variances = _mean_var(total.sum(0), squares.sum(0), float(n))
+    fit = loess_fit(total, squares, counts, span)
+    ctotal, csquares = np.zeros_like(total), np.zeros_like(squares)
+    for start, stop, chunk in _chunks(X, chunk_nnz):
+        accumulate(chunk, codes[start:stop], ctotal, csquares, clip=fit.clip)
+    return select_hvg(fit, ctotal, csquares, means, variances, n_top_genes)
