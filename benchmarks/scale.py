@@ -11,7 +11,9 @@ no images) on ``--informative`` genes, joined by background genes up to ``--gene
 spot draws a Poisson number of background counts (mean ``--background`` times its relative
 depth) spread over the background genes by fixed log-normal shares, as the many lowly
 expressed genes of a real panel. Layouts: ``hex`` (Visium spots) and ``square`` (Visium HD
-bins).
+bins). The 5 M row (``--large``) is five copies of the 1 M cohort as new samples and donors
+(100 samples of 50,000 spots), each with its counts binomially thinned (p = 0.9); it goes
+through ``data.streaming: auto`` like any cohort too large for memory.
 
 Pipeline: Harmony + ``grid_ae`` + K-Means (K = 5) + refinement, the issue's setting
 (``augmentation.enabled: false``). Run one benchmark at a time on an idle machine::
@@ -156,6 +158,89 @@ def make_cohort(
     return info
 
 
+def replicate_cohort(source: Path, path: Path, copies: int, seed: int = 0) -> dict:
+    """A cohort of ``copies`` x the source's spots: each copy is new samples and donors.
+
+    Copy ``c`` renames the samples and donors (``c{c}_...``) and draws its counts by binomial
+    thinning (p = 0.9) of the source's, so the copies share the layouts and planted domains
+    but not the noise. Written row chunk by row chunk (the 5 M-spot cohort never exists in
+    memory; simulating 5 M spots directly would need about 20 GB).
+    """
+    import anndata as ad
+    import h5py
+
+    start = time.perf_counter()
+    src = ad.read_h5ad(source, backed="r")
+    obs_parts, spatial = [], []
+    for c in range(copies):
+        obs = src.obs.copy()
+        obs.index = [f"c{c}_{name}" for name in src.obs_names]
+        for key in ("sample", "donor"):
+            obs[key] = [f"c{c}_{v}" for v in src.obs[key].astype(str)]
+        obs_parts.append(obs)
+        spatial.append(np.asarray(src.obsm["spatial"]))
+    obs = pd.concat(obs_parts)
+    uns = {
+        "spatial": {
+            f"c{c}_{k}": v for c in range(copies) for k, v in dict(src.uns["spatial"]).items()
+        }
+    }
+    shell = ad.AnnData(obs=obs, var=src.var.copy(), obsm={"spatial": np.vstack(spatial)})
+    shell.uns = uns
+    n_src, n_genes = src.shape
+    src.file.close()
+    tmp = path.with_suffix(".tmp.h5ad")
+    shell.write_h5ad(tmp)
+    del shell, obs, obs_parts
+    rng = np.random.default_rng([seed, 15])
+    nnz = 0
+    total_counts = 0.0
+    with h5py.File(source, "r") as fin, h5py.File(tmp, "a") as f:
+        if "X" in f:
+            del f["X"]
+        group = f.create_group("X")
+        group.attrs["encoding-type"] = "csr_matrix"
+        group.attrs["encoding-version"] = "0.1.0"
+        group.attrs["shape"] = np.array([n_src * copies, n_genes], dtype=np.int64)
+        data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype="f4", chunks=True)
+        indices = group.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype="i4", chunks=True
+        )
+        src_ptr = fin["X/indptr"][:].astype(np.int64)
+        indptr = [np.zeros(1, dtype=np.int64)]
+        for _ in range(copies):
+            for first in range(0, n_src, 100_000):
+                last = min(first + 100_000, n_src)
+                lo, hi = int(src_ptr[first]), int(src_ptr[last])
+                values = fin["X/data"][lo:hi]
+                cols = fin["X/indices"][lo:hi]
+                thinned = rng.binomial(values.astype(np.int64), 0.9).astype(np.float32)
+                keep = thinned > 0
+                rows = np.repeat(np.arange(last - first), np.diff(src_ptr[first : last + 1]))
+                counts = np.bincount(rows[keep], minlength=last - first)
+                size = int(keep.sum())
+                data.resize((nnz + size,))
+                indices.resize((nnz + size,))
+                data[nnz:] = thinned[keep]
+                indices[nnz:] = cols[keep]
+                indptr.append(nnz + np.cumsum(counts))
+                nnz += size
+                total_counts += float(thinned.sum())
+        group.create_dataset("indptr", data=np.concatenate(indptr).astype(np.int64))
+    tmp.replace(path)
+    n = n_src * copies
+    info = {
+        "spots": int(n),
+        "genes": int(n_genes),
+        "nnz": int(nnz),
+        "counts_per_spot": round(total_counts / n, 1),
+        "generate_s": round(time.perf_counter() - start, 1),
+        "file_gb": round(path.stat().st_size / 2**30, 2),
+    }
+    path.with_suffix(".json").write_text(json.dumps(info))
+    return info
+
+
 CONFIG = """\
 seed: 0
 data:
@@ -239,7 +324,19 @@ def main(argv: list[str] | None = None) -> None:
         for n in sizes:
             name = f"{layout}_{n}_{args.genes}g"
             h5ad = WORK / f"{name}.h5ad"
-            if not (args.reuse and h5ad.exists()):
+            if not (args.reuse and h5ad.exists()) and n >= 5_000_000:
+                source = WORK / f"{layout}_1000000_{args.genes}g.h5ad"
+                if not source.exists():
+                    make_cohort(
+                        source,
+                        n_spots=1_000_000,
+                        lattice=layout,
+                        n_genes=args.genes,
+                        informative=args.informative,
+                        background=args.background,
+                    )
+                info = replicate_cohort(source, h5ad, copies=n // 1_000_000)
+            elif not (args.reuse and h5ad.exists()):
                 info = make_cohort(
                     h5ad,
                     n_spots=n,
