@@ -316,3 +316,33 @@ def test_a_cohort_too_large_for_memory_is_refused_before_work(cohort_file, tmp_p
     monkeypatch.setattr("spatlas.io._stream.available_memory", lambda: 1e11)
     monkeypatch.setattr("spatlas.io._stream.memory_estimate", lambda n, nnz: 1e12)
     assert plan_memory(config) is not None
+
+
+def test_a_failing_loess_is_refitted_with_a_wider_span(cohort, monkeypatch, caplog):
+    import skmisc.loess
+
+    real = skmisc.loess.loess
+    spans = []
+
+    class Flaky:
+        def __init__(self, x, y, span, degree):
+            spans.append(span)
+            self.span, self.model = span, real(x, y, span=span, degree=degree)
+
+        def fit(self):
+            if self.span < 0.5:  # what scanpy hits on small batches
+                raise ValueError("b'svddc failed in l2fit.'")
+            self.model.fit()
+
+        @property
+        def outputs(self):
+            return self.model.outputs
+
+    flaky = Flaky
+
+    monkeypatch.setattr(skmisc.loess, "loess", flaky)
+    with caplog.at_level("WARNING", logger="spatlas"):
+        df = seurat_v3_hvg(cohort.X, cohort.obs[K.SAMPLE].to_numpy(), n_top_genes=80)
+    assert df["highly_variable"].sum() == 80
+    assert 0.3 in spans and 0.5 in spans
+    assert "refitted with a wider span" in caplog.text

@@ -6,7 +6,9 @@ batch and gene, the sum and the sum of squares of the counts (a batch-indicator 
 chunk), the LOESS fit of log variance on log mean runs per batch as in scanpy (``skmisc``), and a
 second pass accumulates the sums of the counts clipped at ``mean + sqrt(n) * sd_fit``. Memory:
 one chunk's temporaries plus ``batches x genes`` sums. Ranks, ties and the selection follow
-scanpy 1.11's ``_highly_variable_genes_seurat_v3`` (tested against it).
+scanpy 1.11's ``_highly_variable_genes_seurat_v3`` (tested against it). Where scanpy's LOESS
+fails ("svddc failed in l2fit": a small batch with many genes of the same few counts), the fit
+is repeated with a wider span (``LOESS_RETRY_SPANS``) and a warning says so.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._errors import SpatlasInputError
+from .._logging import logger
+
+#: Wider LOESS spans tried, in turn, when the fit fails in a batch (scanpy then raises
+#: "svddc failed in l2fit": many genes with the same few counts in a small batch).
+LOESS_RETRY_SPANS = (0.5, 0.8, 1.0)
 #: Non-zeros per chunk of rows (about 200 MB of temporaries).
 CHUNK_NNZ = 4_000_000
 
@@ -90,10 +98,26 @@ def loess_fit(total: np.ndarray, squares: np.ndarray, counts: np.ndarray, span: 
     for b in range(bmean.shape[0]):
         not_const = bvar[b] > 0
         fitted = np.zeros(bmean.shape[1])
-        model = loess(
-            np.log10(bmean[b, not_const]), np.log10(bvar[b, not_const]), span=span, degree=2
-        )
-        model.fit()
+        x, y = np.log10(bmean[b, not_const]), np.log10(bvar[b, not_const])
+        for attempt in (span, *(w for w in LOESS_RETRY_SPANS if w > span)):
+            try:
+                model = loess(x, y, span=attempt, degree=2)
+                model.fit()
+                break
+            except ValueError as err:  # "svddc failed in l2fit": too few distinct means
+                if attempt >= max(span, *LOESS_RETRY_SPANS):
+                    raise SpatlasInputError(
+                        f"highly variable genes: the LOESS of batch {b} failed ({err}); the "
+                        "batch has too few spots or detected genes for Seurat v3: raise "
+                        "preprocessing.min_spots or use preprocessing.batch_key: null"
+                    ) from None
+                logger.warning(
+                    "highly variable genes: LOESS (span %.2f) failed in batch %d (%d spots, "
+                    "many genes with the same few counts); refitted with a wider span",
+                    attempt,
+                    b,
+                    int(counts[b, 0]),
+                )
         fitted[not_const] = model.outputs.fitted_values
         reg_std[b] = np.sqrt(10**fitted)
         clip[b] = reg_std[b] * np.sqrt(counts[b, 0]) + bmean[b]
