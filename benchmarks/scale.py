@@ -359,10 +359,14 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             table = pd.DataFrame(rows)
             table.to_csv(RESULTS / f"scale{args.tag}.csv", index=False)
-    write_markdown(pd.DataFrame(rows), RESULTS / f"scale{args.tag}.md", args)
+    command = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_markdown(pd.DataFrame(rows), RESULTS / f"scale{args.tag}.md", command.strip())
 
 
-def write_markdown(table: pd.DataFrame, path: Path, args) -> None:
+STEP_ORDER = ("load", "preprocess", "integrate", "model", "cluster", "evaluate", "normalise")
+
+
+def write_markdown(table: pd.DataFrame, path: Path, command: str) -> None:
     """The results table with the 1 M / 100 k time ratio per layout."""
     import platform
 
@@ -371,18 +375,23 @@ def write_markdown(table: pd.DataFrame, path: Path, args) -> None:
     lines = [
         "# Atlas scale (issue 14)",
         "",
-        f"`python benchmarks/scale.py {' '.join(sys.argv[1:])}`; spatlas {spatlas.__version__}, "
-        f"{os.cpu_count()} cores, {platform.machine()}. Harmony + `grid_ae` + K-Means (K = 5) + "
-        "refinement through `spatlas run` (evaluation, report and writing included), one run "
-        "at a time. Wall / CPU s and peak RSS: `/usr/bin/time -v` of the whole CLI process; "
-        "per step: seconds (peak RSS so far, GB).",
+        f"`{command}`; spatlas {spatlas.__version__}, {os.cpu_count()} cores, "
+        f"{platform.machine()}, one run at a time on an otherwise idle machine (load average "
+        "before / after each run in the last column). Harmony + `grid_ae` + K-Means (K = 5) + "
+        "refinement through `spatlas run`: evaluation, report and writing included. Wall / "
+        "CPU s and peak RSS: `/usr/bin/time -v` of the whole CLI process (GiB = 2^30 bytes). "
+        "Per step: seconds (peak RSS so far, GiB); `normalise`: the log-normalised X computed "
+        "again before writing (cohorts above 33 M values); `other`: wall time outside the "
+        "steps (start-up, report).",
         "",
     ]
-    steps = [c[:-2] for c in table.columns if c.endswith("_s") and c[:-2] + "_peak_gb" in table]
-    head = ["layout", "spots", "genes", "nnz", "wall s", "CPU s", "peak GB", "ARI", "NMI"]
-    lines.append("| " + " | ".join(head + steps + ["load before/after", "device"]) + " |")
-    lines.append("|" + "---|" * (len(head) + len(steps) + 2))
+    steps = [s for s in (*STEP_ORDER, "write") if f"{s}_s" in table]
+    head = ["layout", "spots", "genes", "stored counts", "wall s", "CPU s", "peak GiB"]
+    head += ["ARI", "NMI", *steps, "other s", "load avg", "device"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
     for r in table.to_dict("records"):
+        known = sum(r[f"{s}_s"] for s in steps if pd.notna(r.get(f"{s}_s")))
         cells = [
             r["layout"],
             f"{r['spots']:,}",
@@ -395,14 +404,16 @@ def write_markdown(table: pd.DataFrame, path: Path, args) -> None:
             f"{r['nmi_mean']:.3f}",
         ]
         cells += [
-            f"{r[s + '_s']:.1f} ({r[s + '_peak_gb']:.1f})" if pd.notna(r.get(s + "_s")) else ""
+            f"{r[s + '_s']:.1f} ({r[s + '_peak_gb']:.1f})" if pd.notna(r.get(s + "_s")) else "-"
             for s in steps
         ]
-        cells += [f"{r['load_before']}/{r['load_after']}", str(r.get("device", ""))]
+        cells += [f"{r['wall_s'] - known:.1f}", f"{r['load_before']}/{r['load_after']}"]
+        cells.append(str(r.get("device", "")))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for layout, part in table.groupby("layout", sort=False):
-        by = part.set_index("spots")
+        nominal = part.assign(size=part["spots"].map(lambda n: int(float(f"{n:.1g}"))))
+        by = nominal.set_index("size")
         if 100_000 in by.index and 1_000_000 in by.index:
             ratio = by.loc[1_000_000, "wall_s"] / by.loc[100_000, "wall_s"]
             dari = by.loc[1_000_000, "ari_mean"] - by.loc[100_000, "ari_mean"]

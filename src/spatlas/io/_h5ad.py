@@ -260,11 +260,11 @@ def _split(
             f"{path}: {int(unnamed.sum())} spots have no value in obs['{sample_key}'] (e.g. "
             f"{adata.obs_names[np.flatnonzero(unnamed)[0]]}); give every spot its sample"
         )
-    names = adata.obs[sample_key].astype(str).to_numpy()
-    samples = pd.unique(names)
+    # codes in order of first appearance: one integer comparison per sample, not a string one
+    codes, samples = pd.factorize(adata.obs[sample_key].astype(str).to_numpy())
     parts = []
-    for s in samples:
-        rows = names == s
+    for i, s in enumerate(samples):
+        rows = codes == i
         if not counts:
             sub = _without_counts(adata, np.flatnonzero(rows), counts_layer)
         elif adata.isbacked:
