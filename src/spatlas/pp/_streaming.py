@@ -69,10 +69,11 @@ def preprocess_streaming(
     counts
         The file's counts (:class:`spatlas.io._stream.H5adCounts`), with ``adata``'s genes as
         columns.
-    min_spots, n_top_genes, hvg_flavor, batch_key, target_sum, scale_max_value, n_comps, seed,
-    key_added
+    min_spots, n_top_genes, hvg_flavor, batch_key, target_sum, scale_max_value, n_comps, seed
         As in :func:`spatlas.pp.preprocess_expression` (only ``hvg_flavor='seurat_v3'``, no
         ``scale_max_value``).
+    key_added
+        obsm key of the PCA scores.
     pca_max_spots
         Spots the PCA is fitted on (a deterministic subsample); every spot is then projected.
         ``None``: all spots (they are then all held in memory as normalised HVGs).
