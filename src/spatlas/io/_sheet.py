@@ -21,6 +21,7 @@ from .._logging import logger
 from .._progress import progress
 from ._h5ad import read_h5ad
 from ._spaceranger import parse_bin, read_spaceranger
+from ._stream import stack_rows
 from ._validate import check_spot_ids, first_duplicate, reading
 
 MISSING_LABELS = {"", "nan", "na", "none", "null"}
@@ -594,23 +595,10 @@ def _stack_counts(adatas: list[ad.AnnData]) -> sp.csr_matrix | None:
         for a in adatas
     ):
         return None
-    dtype = np.result_type(*(a.X.dtype for a in adatas))
-    nnz = sum(int(a.X.nnz) for a in adatas)
-    n = sum(a.n_obs for a in adatas)
-    index = np.int32 if max(nnz, len(first)) < np.iinfo(np.int32).max else np.int64
-    data = np.empty(nnz, dtype=dtype)
-    indices = np.empty(nnz, dtype=index)
-    indptr = np.empty(n + 1, dtype=index)
-    indptr[0] = 0
-    row = pos = 0
+    pieces = [a.X for a in adatas]
     for a in adatas:
-        X = a.X
-        data[pos : pos + X.nnz] = X.data
-        indices[pos : pos + X.nnz] = X.indices
-        indptr[row + 1 : row + 1 + X.shape[0]] = X.indptr[1:] + pos
-        row, pos = row + X.shape[0], pos + X.nnz
-        a.X = None  # released: the stacked copy replaces it
-    return sp.csr_matrix((data, indices, indptr), shape=(n, len(first)))
+        a.X = None  # released as it is copied: the stacked matrix replaces it
+    return stack_rows(pieces, len(first))
 
 
 def _read_all(specs: Sequence[SampleSpec]) -> tuple[list[ad.AnnData], list[str]]:

@@ -104,6 +104,29 @@ class H5adCounts:
                 yield int(start), int(stop), block
 
 
+def stack_rows(pieces: list[sp.csr_matrix], n_cols: int) -> sp.csr_matrix:
+    """The CSR ``pieces`` stacked row-wise, each dropped from the list once copied.
+
+    The peak is the result plus one piece, not twice the result (``scipy.sparse.vstack`` holds
+    every piece and the result at once). The values keep the pieces' common dtype.
+    """
+    nnz = sum(p.nnz for p in pieces)
+    n = sum(p.shape[0] for p in pieces)
+    dtype = np.result_type(*(p.dtype for p in pieces)) if pieces else np.float32
+    index = np.int32 if max(nnz, n_cols) < np.iinfo(np.int32).max else np.int64
+    data = np.empty(nnz, dtype=dtype)
+    indices = np.empty(nnz, dtype=index)
+    indptr = np.zeros(n + 1, dtype=index)
+    row = pos = 0
+    while pieces:
+        piece = pieces.pop(0)
+        data[pos : pos + piece.nnz] = piece.data
+        indices[pos : pos + piece.nnz] = piece.indices
+        indptr[row + 1 : row + 1 + piece.shape[0]] = piece.indptr[1:] + pos
+        row, pos = row + piece.shape[0], pos + piece.nnz
+    return sp.csr_matrix((data, indices, indptr), shape=(n, n_cols))
+
+
 def h5ad_size(path: str | Path, layer: str | None = None) -> tuple[int, int, int]:
     """Spots, genes and stored count values of an ``.h5ad`` file, read from its metadata."""
     counts = H5adCounts(path, layer)

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 from .. import _keys as K
 from .._errors import SpatlasInputError
 from .._logging import logger
+from ..io._stream import stack_rows
 from ..io._validate import check_counts
 from ._hvg import row_chunks, seurat_v3_hvg
 
@@ -233,26 +234,6 @@ def _chunk_views(X: sp.csr_matrix) -> list[tuple[int, int, sp.csr_matrix]]:
         block.indptr = (X.indptr[start : stop + 1] - lo).astype(X.indices.dtype)
         views.append((start, stop, block))
     return views
-
-
-def stack_rows(pieces: list[sp.csr_matrix], n_cols: int) -> sp.csr_matrix:
-    """The CSR ``pieces`` stacked row-wise, each dropped from the list once copied.
-
-    The peak is the result plus one piece, not twice the result.
-    """
-    nnz = sum(p.nnz for p in pieces)
-    n = sum(p.shape[0] for p in pieces)
-    data = np.empty(nnz, dtype=np.float32)
-    indices = np.empty(nnz, dtype=np.int32 if n_cols < 2**31 else np.int64)
-    indptr = np.zeros(n + 1, dtype=np.int64)
-    row = pos = 0
-    while pieces:
-        piece = pieces.pop(0)
-        data[pos : pos + piece.nnz] = piece.data
-        indices[pos : pos + piece.nnz] = piece.indices
-        indptr[row + 1 : row + 1 + piece.shape[0]] = piece.indptr[1:] + pos
-        row, pos = row + piece.shape[0], pos + piece.nnz
-    return sp.csr_matrix((data, indices, indptr), shape=(n, n_cols))
 
 
 def _select(X: sp.csr_matrix, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:

@@ -25,9 +25,9 @@ from .. import _keys as K
 from .._errors import SpatlasInputError
 from .._logging import logger
 from .._progress import progress
-from ..io._stream import H5adCounts
+from ..io._stream import H5adCounts, stack_rows
 from ..io._validate import check_counts
-from ._expression import PCA_MAX_SPOTS, _components, _Scaled, stack_rows
+from ._expression import PCA_MAX_SPOTS, _components, _Scaled
 from ._hvg import accumulate, batch_codes, loess_fit, select_hvg
 
 
